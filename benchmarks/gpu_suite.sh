@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# GPU suite. Run from anywhere: bash benchmarks/gpu_suite.sh [python]
+# Leaves JSON under benchmarks/results/ and logs under benchmarks/results/logs/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${1:-${PYTHON:-python}}"
+mkdir -p benchmarks/results/logs
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_suite.sh needs a CUDA GPU')"
+"$PY" - <<'PYEOF'
+import torch; print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
+PYEOF
+
+# ---------------------------------------------------------------- stage: loss (InfoNCE / NT-Xent)
+# 1. correctness: the loss tests on the GPU (compiled Triton kernels, not the interpreter; the
+#    GPU-only checks: triton vs chunked beyond the reference, O((R+C)D) memory, inductor +
+#    autocast, CUDA-graph capture).
+env -u TRITON_INTERPRET "$PY" -m pytest tests/test_losses.py -q -rs 2>&1 | tee benchmarks/results/logs/test_losses_gpu.log
+# 2. benchmark: 2N = 1,024 .. 262,144, D in {128, 256}, bf16 and fp32, against the eager and the
+#    compiled reference (and lightly / Inf-CL when installed) -> benchmarks/results/loss_<gpu>.json
+env -u TRITON_INTERPRET "$PY" benchmarks/loss.py --device cuda \
+    --sizes 1024 2048 4096 8192 16384 32768 65536 131072 262144 --dims 128 256 \
+    --dtypes bfloat16 float32 2>&1 | tee benchmarks/results/logs/loss_gpu.log
+# ------------------------------------------------------------------------- (further stages below)

@@ -1,0 +1,178 @@
+"""Throughput of each stage of the configured SimCLR pipeline, and of training end to end.
+
+    python benchmarks/throughput.py [--config configs/demo.yaml] [--stage all] [key=value ...]
+
+Stages (images/s, one image = its two views):
+  data      the loader alone: decode + two random crops, batches on the device
+  augment   the GPU-style augmentation of both views of one pre-loaded batch
+  model     backbone + projector forward and backward on pre-augmented views
+  loss      the contrastive loss forward and backward on random projections
+  optim     one optimiser step over the model's parameters
+  train     the real training step fed by the loader (end to end)
+`--stage loss-backends -- [loss.py arguments]` runs the sweep of benchmarks/loss.py instead.
+Each stage is warmed up, then timed per step (median, p20, p80). A table is printed and a JSON
+record (device, versions, git sha, config, command, numbers) is appended to
+benchmarks/results/throughput_<device>.json.
+"""
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import loss as loss_benchmark   # benchmarks/loss.py, beside this file
+from fastssl.config import load_config, to_dict
+from fastssl.data import build_loader, resolve_paths
+from fastssl.losses import info_nce
+from fastssl.optim import build_optimizer, scaled_lr
+from fastssl.train.trainer import (augment_generator, build_augment, build_model, resolve_device,
+                                   resolve_precision, train_step)
+
+STAGES = ("data", "augment", "model", "loss", "optim", "train")
+# `--stage loss-backends -- ARGS` runs the loss backends' sweep, benchmarks/loss.py ARGS.
+SWEEPS = ("loss-backends",)
+RESULTS = Path(__file__).parent / "results"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def timed(fn, steps: int, warmup: int, device: torch.device):
+    """Seconds per call of fn() for `steps` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarise(times, images_per_call: int):
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    median = statistics.median(times)
+    return {"median_s": median, "p20_s": q[0], "p80_s": q[3], "images_per_s": images_per_call / median}
+
+
+def run(cfg, stages, steps: int, warmup: int):
+    device = resolve_device(cfg.train.device)
+    autocast_dtype, _ = resolve_precision(cfg.train.precision, device)
+    train_dir, _ = resolve_paths(cfg.data)
+    n = cfg.train.batch_size
+    loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=n, seed=cfg.train.seed,
+                          scale=cfg.augment.crop_scale, ratio=cfg.augment.crop_ratio, device=device)
+    augment = build_augment(cfg)
+    model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim.lr, n, cfg.optim.lr_scaling))
+    amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else None
+
+    def batches():
+        while True:
+            for batch in loader:
+                yield batch
+
+    stream = batches()
+    views, _, _ = next(stream)
+    augmented = [augment.apply(v, augment.sample(n, augment_generator(0, i))).contiguous(
+        memory_format=torch.channels_last) for i, v in enumerate(views)]
+    projections = [torch.randn(n, cfg.model.proj_dim, device=device, requires_grad=True) for _ in range(2)]
+    step = iter(range(10**9))
+
+    def stage_data():
+        next(stream)
+
+    def stage_augment():
+        for i, v in enumerate(views):
+            augment.apply(v, augment.sample(n, augment_generator(0, i)))
+
+    def stage_model():
+        with (amp() if amp else torch.autocast(device.type, enabled=False)):
+            z = model.projector(model.backbone(torch.cat(augmented)))
+        z.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    def stage_loss():
+        info_nce(projections[0], projections[1], cfg.loss.temperature, backend=cfg.loss.backend).backward()
+
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+
+    def stage_optim():
+        optimizer.step()
+
+    def stage_train():
+        batch_views, _, _ = next(stream)
+        train_step(batch_views, next(step), cfg.train.seed, model=model, optimizer=optimizer, scaler=None,
+                   augment=augment, device=device, autocast_dtype=autocast_dtype)
+
+    fns = {"data": stage_data, "augment": stage_augment, "model": stage_model, "loss": stage_loss,
+           "optim": stage_optim, "train": stage_train}
+    results = {}
+    for name in stages:
+        if name == "train":
+            model.zero_grad(set_to_none=True)
+        results[name] = summarise(timed(fns[name], steps, warmup, device), n)
+        print(f"  {name:8s} {results[name]['images_per_s']:10.1f} images/s  "
+              f"(median {1e3 * results[name]['median_s']:.1f} ms/batch of {n})", file=sys.stderr)
+    return device, results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(Path(__file__).parent.parent / "configs" / "demo.yaml"))
+    parser.add_argument("--stage", default="all", choices=("all",) + STAGES + SWEEPS)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per stage")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per stage")
+    parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/throughput_<device>.json)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sweep_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.stage == "loss-backends":
+        return loss_benchmark.main(sweep_args)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    cfg = load_config(args.config, args.overrides)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    device, results = run(cfg, stages, args.steps, args.warmup)
+
+    print(f"\nthroughput on {loss_benchmark.device_slug(str(device))} (batch {cfg.train.batch_size}, {cfg.augment.size}px, "
+          f"{cfg.model.backbone}, {cfg.train.precision})")
+    print(f"{'stage':10s}{'images/s':>12s}{'ms/batch':>12s}{'p20 ms':>10s}{'p80 ms':>10s}")
+    for name, r in results.items():
+        print(f"{name:10s}{r['images_per_s']:12.1f}{1e3 * r['median_s']:12.1f}{1e3 * r['p20_s']:10.1f}{1e3 * r['p80_s']:10.1f}")
+
+    record = {
+        "benchmark": "throughput", "device": loss_benchmark.device_slug(str(device)), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": " ".join(["python", "benchmarks/throughput.py"] + argv),
+        "git_sha": git_sha(), "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "config": to_dict(cfg), "stages": results,
+    }
+    out = Path(args.out) if args.out else RESULTS / f"throughput_{record['device']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    history = json.loads(out.read_text()) if out.exists() else []
+    history.append(record)
+    out.write_text(json.dumps(history, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

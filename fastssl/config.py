@@ -1,0 +1,369 @@
+"""Typed configuration: dataclasses are the schema, YAML supplies values, `key=value` overrides win.
+
+Precedence: command-line overrides > YAML file > the defaults below. An unknown key, a duplicated
+YAML key or a value of the wrong type is an error that names the key (and suggests the closest
+valid one). Each field's docstring is the string literal right under it; `fastssl train
+--help-config` prints them.
+"""
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the offending key."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """ImageFolder with one sub-folder per class for pre-training; empty means the embedded dataset."""
+    val: str = ""
+    """ImageFolder for evaluation; empty means the embedded dataset's `val/` split."""
+    loader: str = "pil"
+    """Input pipeline: `pil` (CPU DataLoader with PIL, the reference)."""
+    workers: int = 2
+    """DataLoader worker processes (0 loads in the main process)."""
+    cache_dir: str = "~/.cache/fastssl"
+    """Where the embedded dataset is written on first use."""
+    embedded_train_per_class: int = 200
+    """Embedded dataset: training images per class (10 classes)."""
+    embedded_val_per_class: int = 50
+    """Embedded dataset: validation images per class."""
+    embedded_image_size: int = 32
+    """Embedded dataset: side of the generated square JPEGs, in pixels."""
+
+
+@dataclass
+class AugmentConfig:
+    size: int = 224
+    """Side of each square view, in pixels."""
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    """RandomResizedCrop area range, as a fraction of the image."""
+    crop_ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    """RandomResizedCrop aspect-ratio range (width / height)."""
+    flip_p: float = 0.5
+    """Probability of a horizontal flip."""
+    jitter_strength: float = 1.0
+    """Colour-jitter strength s: brightness, contrast, saturation 0.8s, hue 0.2s (SimCLR)."""
+    jitter_p: float = 0.8
+    """Probability of applying colour jitter (in a random order per sample)."""
+    grayscale_p: float = 0.2
+    """Probability of converting to grayscale."""
+    blur_p: float = 0.5
+    """Probability of a Gaussian blur (kernel ~10% of the view, sigma in blur_sigma)."""
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
+    """Gaussian blur sigma range, in pixels."""
+    solarize_p: float = 0.0
+    """Probability of solarisation (pixels >= 0.5 are inverted)."""
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel mean subtracted last (ImageNet's by default)."""
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel standard deviation divided by last."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    """Backbone architecture: resnet18, resnet34 or resnet50 (torchvision)."""
+    stem: str = "imagenet"
+    """`imagenet` (7x7 stride-2 conv + max-pool) or `small` (3x3 stride-1 conv, no pool; CIFAR-sized input)."""
+    proj_hidden_dim: int = 2048
+    """Width of the projection MLP's hidden layers."""
+    proj_dim: int = 128
+    """Output dimension of the projection MLP (the contrastive embedding)."""
+    proj_layers: int = 2
+    """Number of linear layers in the projection MLP (2 = SimCLR v1)."""
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.1
+    """NT-Xent temperature."""
+    backend: str = "auto"
+    """Loss implementation: `triton` (fused kernels, CUDA), `chunked` (tiled PyTorch, any device),
+    `torch` (the reference) or `auto` (Triton on CUDA, else torch while small, chunked beyond)."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"
+    """Optimiser: `lars` or `sgd`."""
+    lr: float = 0.3
+    """Base learning rate, scaled by `lr_scaling`."""
+    lr_scaling: str = "linear"
+    """`linear`: lr x batch/256; `sqrt`: lr x sqrt(batch) (SimCLR uses 0.075); `none`: lr as given."""
+    weight_decay: float = 1e-6
+    """Weight decay (not applied to biases and normalisation parameters with LARS)."""
+    momentum: float = 0.9
+    """Momentum."""
+    trust_coefficient: float = 0.001
+    """LARS trust coefficient eta."""
+    exclude_bias_and_norm: bool = True
+    """Exclude parameters with ndim <= 1 from weight decay and the LARS trust ratio."""
+    warmup_epochs: float = 10.0
+    """Linear warm-up length in epochs (then cosine decay to zero)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    """Number of pre-training epochs."""
+    batch_size: int = 4096
+    """Images per optimiser step (each gives two views)."""
+    precision: str = "auto"
+    """`bf16` autocast (CPU and GPU), `fp16` autocast with a gradient scaler (GPU only), `fp32`, or
+    `auto`: bf16 on a GPU, fp32 on CPU (where bf16 is emulated and an order of magnitude slower)."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    stop_after_epochs: int = 0
+    """Stop after this many epochs (as a pre-empted job would) without changing the schedule,
+    which `epochs` defines; `train.resume=true` continues. 0 runs to the end."""
+    seed: int = 0
+    """Seed for the model initialisation, the data order, the crops and the augmentations."""
+    resume: Union[bool, str] = False
+    """`true` continues from the run directory's last checkpoint; a path continues from that file."""
+    threads: int = 0
+    """CPU threads for torch (0 keeps torch's default)."""
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 200
+    """Neighbours in the weighted kNN classifier."""
+    knn_temperature: float = 0.07
+    """Temperature of the kNN vote weights exp(sim / t)."""
+    batch_size: int = 256
+    """Batch size for feature extraction."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, checkpoints."""
+    keep_checkpoints: int = 2
+    """Number of epoch checkpoints kept besides `last.pt`."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading YAML (rejecting duplicate keys), applying overrides, checking types.
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                    f"(first at line {seen[key] + 1}) in {key_node.start_mark.name}")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if not value:
+                raise ConfigError(f"{name}: empty section")
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _field_types(cls=Config, prefix: str = "") -> Dict[str, Any]:
+    """Every leaf key ('train.epochs') mapped to its annotated type."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out.update(_field_types(kind, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = kind
+    return out
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Check `value` against `kind` (int may stand for float); raise a ConfigError naming the key."""
+    origin = typing.get_origin(kind)
+    if origin is Union:
+        for option in typing.get_args(kind):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        names = " or ".join(_type_name(t) for t in typing.get_args(kind))
+        raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
+    if origin in (list, List):
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        try:   # YAML 1.1 reads `5e-4` (no dot) as a string; accept it as the number it means
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(kind)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) in (list, List):
+        return f"list of {_type_name(typing.get_args(kind)[0])}"
+    return getattr(kind, "__name__", str(kind))
+
+
+def _unknown_key(key: str, valid) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def parse_overrides(items: List[str]) -> Dict[str, Any]:
+    """`['train.epochs=1', 'run.dir=runs/x']` -> {'train.epochs': 1, 'run.dir': 'runs/x'} (YAML-typed values)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        out[key.strip()] = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
+    return out
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Union[List[str], Dict[str, Any], None] = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `overrides` (strings `key=value` or a dict)."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                tree = yaml.load(fh, Loader=_UniqueKeyLoader) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        values.update(_flatten(tree))
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    values.update(overrides or {})
+
+    kinds = _field_types()
+    cfg = Config()
+    for key, value in values.items():
+        if key not in kinds:
+            raise _unknown_key(key, kinds)
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, _coerce(key, value, kinds[key]))
+    validate(cfg)
+    return cfg
+
+
+# Keys whose value must be one of a fixed set. Registries (backbones, loss backends) are checked
+# where they live, with the same kind of message.
+CHOICES = {
+    "data.loader": ("pil",),
+    "model.stem": ("imagenet", "small"),
+    "optim.name": ("lars", "sgd"),
+    "optim.lr_scaling": ("linear", "sqrt", "none"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+}
+POSITIVE = ("data.embedded_train_per_class", "data.embedded_val_per_class", "data.embedded_image_size",
+            "augment.size", "model.proj_hidden_dim", "model.proj_dim", "model.proj_layers",
+            "loss.temperature", "train.epochs", "train.batch_size", "train.log_every",
+            "eval.knn_k", "eval.knn_temperature", "eval.batch_size", "optim.lr")
+PROBABILITIES = ("augment.flip_p", "augment.jitter_p", "augment.grayscale_p", "augment.blur_p",
+                 "augment.solarize_p")
+RANGES = ("augment.crop_scale", "augment.crop_ratio", "augment.blur_sigma")
+
+
+def get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config) -> None:
+    """Check values that are well typed but meaningless; the message names the key."""
+    for key, options in CHOICES.items():
+        if get(cfg, key) not in options:
+            raise ConfigError(f"{key}: {get(cfg, key)!r} is not one of {', '.join(options)}")
+    for key in POSITIVE:
+        if not get(cfg, key) > 0:
+            raise ConfigError(f"{key}: must be > 0, got {get(cfg, key)!r}")
+    for key in PROBABILITIES:
+        if not 0.0 <= get(cfg, key) <= 1.0:
+            raise ConfigError(f"{key}: a probability must lie in [0, 1], got {get(cfg, key)!r}")
+    for key in RANGES:
+        low_high = get(cfg, key)
+        if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
+            raise ConfigError(f"{key}: expected [min, max] with 0 < min <= max, got {low_high!r}")
+    for key in ("data.workers", "train.threads", "train.stop_after_epochs", "optim.weight_decay", "optim.momentum",
+                "optim.warmup_epochs", "run.keep_checkpoints", "augment.jitter_strength"):
+        if get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {get(cfg, key)!r}")
+    if len(cfg.augment.mean) != 3 or len(cfg.augment.std) != 3 or min(cfg.augment.std) <= 0:
+        raise ConfigError("augment.mean / augment.std: need 3 values each, std > 0")
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+
+def field_docs(cls=Config, prefix: str = "") -> Dict[str, str]:
+    """{'train.epochs': 'Number of pre-training epochs.', ...} from the attribute docstrings."""
+    docs = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            docs.update(field_docs(hints[f.name], f"{prefix}{f.name}."))
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[f"{prefix}{stmt.target.id}"] = nxt.value.value
+    return docs
+
+
+def describe() -> str:
+    """Every key with its default and its docstring, for `--help-config`."""
+    defaults = _flatten(to_dict(Config()))
+    docs = field_docs()
+    return "\n".join(f"{key} = {defaults[key]!r}\n    {docs.get(key, '')}" for key in defaults)

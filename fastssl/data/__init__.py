@@ -1,0 +1,30 @@
+"""Input pipelines. `build_loader` is the one entry point; every loader yields the same batches:
+`(views, labels, indices)`, views a list of uint8 (N, 3, S, S) tensors on the target device."""
+from fastssl.data.embedded import CLASSES, ensure_embedded_dataset
+from fastssl.data.imagefolder import ImageFolderLoader, load_rgb, scan_image_folder
+
+LOADERS = ("pil",)
+
+
+def resolve_paths(data_cfg, log=print):
+    """(train_dir, val_dir): the configured ImageFolders, or the embedded dataset where empty."""
+    train, val = data_cfg.train, data_cfg.val
+    if not train or not val:
+        emb_train, emb_val = ensure_embedded_dataset(
+            data_cfg.cache_dir, data_cfg.embedded_train_per_class, data_cfg.embedded_val_per_class,
+            data_cfg.embedded_image_size, log=log)
+        train, val = train or str(emb_train), val or str(emb_val)
+    return train, val
+
+
+def build_loader(data_cfg, root, *, size, batch_size, seed=0, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 device="cpu", train=True):
+    """The loader named by `data.loader` over the ImageFolder at `root`."""
+    if data_cfg.loader == "pil":
+        return ImageFolderLoader(root, size=size, batch_size=batch_size, seed=seed, scale=scale, ratio=ratio,
+                                 workers=data_cfg.workers, device=device, train=train)
+    raise ValueError(f"data.loader: unknown loader {data_cfg.loader!r}; choose one of {', '.join(LOADERS)}")
+
+
+__all__ = ["CLASSES", "LOADERS", "ImageFolderLoader", "build_loader", "ensure_embedded_dataset",
+           "load_rgb", "resolve_paths", "scan_image_folder"]

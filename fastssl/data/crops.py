@@ -1,0 +1,44 @@
+"""RandomResizedCrop parameters, in one place for the loaders and the GPU augmentation.
+
+A crop is drawn as four numbers independent of the image size: an area fraction `scale`, a
+log aspect ratio `log_ratio` (width / height), and the box position `u, v` in [0, 1] within the
+room left over. `crop_box` resolves them for an H x W image: the box has area scale*H*W and
+aspect exp(log_ratio), clamped to the image (where torchvision would retry up to 10 times and
+then fall back to a centre crop, we clamp: the distribution of the in-range draws is the same).
+"""
+import math
+from typing import Sequence, Tuple
+
+import torch
+
+
+def sample_crop_params(n: int, scale: Sequence[float], ratio: Sequence[float],
+                       generator: torch.Generator = None) -> torch.Tensor:
+    """(n, 4) float32 tensor of [scale, log_ratio, u, v] per crop."""
+    u = torch.rand(n, 4, generator=generator)
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    return torch.stack([scale[0] + (scale[1] - scale[0]) * u[:, 0], lo + (hi - lo) * u[:, 1],
+                        u[:, 2], u[:, 3]], dim=1)
+
+
+def crop_boxes(params: torch.Tensor, height, width) -> torch.Tensor:
+    """(n, 4) boxes [x0, y0, w, h] in pixels (float) for images of the given size(s).
+
+    `height` and `width` are ints or (n,) tensors (images of different sizes in one batch).
+    """
+    height = torch.as_tensor(height, dtype=torch.float32)
+    width = torch.as_tensor(width, dtype=torch.float32)
+    area = params[:, 0] * height * width
+    ratio = params[:, 1].exp()
+    w = torch.minimum(torch.sqrt(area * ratio), width).clamp(min=1.0)
+    h = torch.minimum(torch.sqrt(area / ratio), height).clamp(min=1.0)
+    x0 = params[:, 2] * (width - w)
+    y0 = params[:, 3] * (height - h)
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+def crop_box_pixels(box: Sequence[float]) -> Tuple[int, int, int, int]:
+    """Round a float box to the integer (left, top, right, bottom) that PIL crops with."""
+    x0, y0, w, h = (float(v) for v in box)
+    left, top = int(round(x0)), int(round(y0))
+    return left, top, left + max(1, int(round(w))), top + max(1, int(round(h)))

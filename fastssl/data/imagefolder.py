@@ -1,0 +1,157 @@
+"""The reference input pipeline: a PyTorch DataLoader over an ImageFolder, decoding with PIL.
+
+Every loader yields the same thing, so the trainer and the augmentation never know which one
+runs: `(views, labels, indices)` with `views` a list of uint8 (N, 3, S, S) tensors on the target
+device (two RandomResizedCrops of each image for pre-training), `labels` and `indices` int64 (N,).
+
+Reproducibility: the sampler hands each image a seed derived from (seed, epoch, position), and
+the dataset draws that image's crops from it, so a batch's pixels do not depend on the number
+of workers, and epoch e of a resumed run sees exactly what an uninterrupted run saw.
+"""
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fastssl.data.crops import crop_box_pixels, crop_boxes, sample_crop_params
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+log = logging.getLogger("fastssl.data")
+
+
+def scan_image_folder(root) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """(samples, classes): every image file under root/<class>/, labels in sorted class order."""
+    root = Path(os.path.expanduser(str(root)))
+    if not root.exists():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a folder: {root} (an ImageFolder has one sub-folder per class)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image>.jpg)")
+    samples = []
+    for label, name in enumerate(classes):
+        files = sorted(str(p) for p in (root / name).rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            log.warning("class folder %s holds no images; its label %d stays reserved", root / name, label)
+        samples.extend((f, label) for f in files)
+    if not samples:
+        raise ValueError(f"{root} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
+    return samples, classes
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode any PIL-readable image to RGB (grayscale, CMYK, palette, alpha); a clear error naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "P"):
+                img = img.convert("RGBA")
+                canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))  # alpha over white
+                img = Image.alpha_composite(canvas, img)
+            return img.convert("RGB")
+    except Exception as exc:  # PIL raises many types for bad files; all mean "cannot decode"
+        raise RuntimeError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class TwoViewDataset(Dataset):
+    """`dataset[(index, seed)]` -> ([view] * n_views uint8 (3, S, S), label, index)."""
+
+    def __init__(self, samples, size: int, scale: Sequence[float], ratio: Sequence[float], n_views: int = 2):
+        self.samples, self.size, self.scale, self.ratio, self.n_views = samples, size, scale, ratio, n_views
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index_and_seed):
+        index, seed = index_and_seed
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        gen = torch.Generator().manual_seed(seed)
+        boxes = crop_boxes(sample_crop_params(self.n_views, self.scale, self.ratio, gen), img.height, img.width)
+        views = [to_uint8_chw(img.resize((self.size, self.size), Image.BILINEAR, box=crop_box_pixels(b)))
+                 for b in boxes]
+        return views, label, index
+
+
+class CenterViewDataset(Dataset):
+    """One deterministic view for evaluation: shorter side resized to S, centre crop S x S."""
+
+    def __init__(self, samples, size: int):
+        self.samples, self.size = samples, size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        scale = self.size / min(img.width, img.height)
+        w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        img = img.resize((w, h), Image.BILINEAR).crop((left, top, left + self.size, top + self.size))
+        return to_uint8_chw(img), label, index
+
+
+class EpochSampler(Sampler):
+    """Yields (index, per-image seed); the order is a permutation drawn from (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=gen)
+        return iter(zip(order.tolist(), seeds.tolist()))
+
+
+class ImageFolderLoader:
+    """Batches of `(views, labels, indices)` on `device`; `set_epoch(e)` before each epoch."""
+
+    def __init__(self, root, *, size: int, batch_size: int, seed: int = 0, scale=(0.08, 1.0),
+                 ratio=(3 / 4, 4 / 3), workers: int = 2, device="cpu", train: bool = True):
+        self.samples, self.classes = scan_image_folder(root)
+        self.device = torch.device(device)
+        self.train = train
+        if train:
+            if len(self.samples) < batch_size:
+                raise ValueError(f"{root} holds {len(self.samples)} images, fewer than one batch "
+                                 f"(train.batch_size={batch_size}); lower the batch size")
+            dataset = TwoViewDataset(self.samples, size, scale, ratio)
+            self.sampler = EpochSampler(len(self.samples), seed)
+        else:
+            dataset = CenterViewDataset(self.samples, size)
+            self.sampler = None
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, shuffle=False, drop_last=train,
+            num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for views, labels, indices in self.loader:
+            if not self.train:
+                views = [views]
+            yield ([v.to(self.device, non_blocking=True) for v in views],
+                   labels.to(self.device, non_blocking=True), indices.to(self.device, non_blocking=True))

@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny embedded dataset and a fast config for end-to-end runs."""
+import pytest
+import torch
+
+from fastssl.config import load_config
+from fastssl.data import ensure_embedded_dataset
+
+torch.set_num_threads(2)
+
+TINY_DATA = dict(embedded_train_per_class=16, embedded_val_per_class=6, embedded_image_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """Cache folder holding the tiny embedded dataset (generated once per session)."""
+    cache = tmp_path_factory.mktemp("cache")
+    ensure_embedded_dataset(str(cache), 16, 6, 16, log=lambda *_: None)
+    return cache
+
+
+@pytest.fixture
+def tiny_config(tiny_cache, tmp_path):
+    """A config that trains ResNet-18 on 160 16-px images in a few seconds."""
+    def make(**overrides):
+        values = {
+            "data.cache_dir": str(tiny_cache), "data.workers": 0,
+            **{f"data.{k}": v for k, v in TINY_DATA.items()},
+            "augment.size": 16, "augment.crop_scale": [0.3, 1.0], "augment.blur_p": 0.0,
+            "augment.jitter_strength": 0.5,
+            "model.backbone": "resnet18", "model.proj_hidden_dim": 64, "model.proj_dim": 32,
+            "optim.lr": 2.0, "optim.lr_scaling": "none", "optim.warmup_epochs": 0.5,
+            "loss.temperature": 0.2,
+            "train.epochs": 2, "train.batch_size": 32, "train.log_every": 1, "train.device": "cpu",
+            "eval.knn_k": 20, "run.dir": str(tmp_path / "run"),
+        }
+        values.update(overrides)
+        return load_config(None, values)
+    return make
