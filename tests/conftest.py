@@ -1,9 +1,18 @@
 """Shared fixtures: a tiny embedded dataset and a fast config for end-to-end runs."""
-import pytest
+import os
+
 import torch
 
-from fastssl.config import load_config
-from fastssl.data import ensure_embedded_dataset
+# Without CUDA the Triton kernels run in Triton's interpreter. triton.jit reads TRITON_INTERPRET
+# when a kernel is decorated, and a half-interpreted module fails ("Cannot call @triton.jit'd
+# outside of the scope of a kernel"), so it is set here, before any test module imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastssl.config import load_config  # noqa: E402
+from fastssl.data import ensure_embedded_dataset  # noqa: E402
 
 torch.set_num_threads(2)
 

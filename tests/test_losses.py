@@ -8,8 +8,8 @@ fp32 noise floor. The oracle is the reference evaluated in fp64 on exactly the s
 too (an fp32 oracle would leave an fp32 backend only the floor, and summation order alone
 differs by more than that where the loss is ill-conditioned).
 
-On a machine without CUDA the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1 is
-set here, before anything imports triton); with CUDA the same tests run the compiled kernels on
+On a machine without CUDA the Triton kernels run in Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton); with CUDA the same tests run the compiled kernels on
 the GPU, and the GPU-only tests at the bottom run too.
 """
 import os
@@ -17,15 +17,11 @@ import socket
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-
-from fastssl.losses import (InfoNCELoss, info_nce, info_nce_rows_cols,  # noqa: E402
-                            info_nce_rows_cols_reference, nt_xent_reference, simclr_indices)
-from fastssl.losses import contrastive  # noqa: E402
+from fastssl.losses import (InfoNCELoss, info_nce, info_nce_rows_cols, info_nce_rows_cols_reference,
+                            nt_xent_reference, simclr_indices)
+from fastssl.losses import contrastive
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -95,3 +95,27 @@ def test_cli_prints_the_final_line(tiny_config, tmp_path):
     assert re.fullmatch(r"kNN top-1: simclr=\d+\.\d% random-init=\d+\.\d%", out.stdout.strip().splitlines()[-1])
     bad = subprocess.run([sys.executable, "-m", "fastssl", "train", "train.epoch=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'train.epochs'" in bad.stderr
+
+
+def test_bf16_autocast_step_on_cpu(tiny_config):
+    from fastssl.optim import build_optimizer
+    from fastssl.train.trainer import build_augment, build_model, resolve_precision, train_step
+    cfg = tiny_config(**{"train.precision": "bf16"})
+    dtype, use_scaler = resolve_precision(cfg.train.precision, torch.device("cpu"))
+    assert dtype is torch.bfloat16 and not use_scaler
+    model = build_model(cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    views = [torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8) for _ in range(2)]
+    loss, stats = train_step(views, 0, 0, model=model, optimizer=build_optimizer(model, cfg.optim, 0.5),
+                             scaler=None, augment=build_augment(cfg), device=torch.device("cpu"),
+                             autocast_dtype=dtype)
+    assert torch.isfinite(torch.tensor(loss)) and stats["z_std"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_precision_choices():
+    from fastssl.train.trainer import resolve_precision
+    assert resolve_precision("auto", torch.device("cpu")) == (None, False)
+    assert resolve_precision("fp32", torch.device("cpu")) == (None, False)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", torch.device("cpu"))
