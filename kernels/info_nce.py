@@ -43,7 +43,6 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-
 @triton.jit
 def _logit_tile(R_ptr, C_ptr, offs_r, offs_c, r_in, c_in, dim, stride_r, stride_c, r_tile, c_tile,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -135,6 +134,19 @@ def _dlogit_tile(s, offs_r, offs_c, r_in, c_in, row_scale, col_scale, lse, g, po
 
 
 @triton.jit
+def _row_state(INV_R_ptr, POS_ptr, SELF_ptr, LSE_ptr, G_ptr, offs_r, r_in, HAS_SELF: tl.constexpr):
+    """Per-row inputs of the backward: 1/||r_i||, positive and masked column, lse_i, upstream g_i."""
+    inv_r = tl.load(INV_R_ptr + offs_r, mask=r_in, other=0.0)
+    pos = tl.load(POS_ptr + offs_r, mask=r_in, other=-1)
+    slf = pos          # unused without a mask; any value keeps the tuple's types fixed
+    if HAS_SELF:
+        slf = tl.load(SELF_ptr + offs_r, mask=r_in, other=-1)
+    lse = tl.load(LSE_ptr + offs_r, mask=r_in, other=0.0)
+    g = tl.load(G_ptr + offs_r, mask=r_in, other=0.0)
+    return inv_r, pos, slf, lse, g
+
+
+@triton.jit
 def _bwd_rows_kernel(R_ptr, C_ptr, POS_ptr, SELF_ptr, INV_R_ptr, INV_C_ptr, LSE_ptr, G_ptr, GMAX_ptr,
                      DR_ptr, n_rows, n_cols, dim, stride_r, stride_c, stride_dr, inv_t,
                      HAS_SELF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -146,14 +158,8 @@ def _bwd_rows_kernel(R_ptr, C_ptr, POS_ptr, SELF_ptr, INV_R_ptr, INV_C_ptr, LSE_
     r_in = offs_r < n_rows
     offs_do = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)      # this program's output D chunk
     do_in = offs_do < dim
-    inv_r = tl.load(INV_R_ptr + offs_r, mask=r_in, other=0.0)
+    inv_r, pos, slf, lse, g = _row_state(INV_R_ptr, POS_ptr, SELF_ptr, LSE_ptr, G_ptr, offs_r, r_in, HAS_SELF)
     row_scale = inv_r * inv_t
-    pos = tl.load(POS_ptr + offs_r, mask=r_in, other=-1)
-    slf = pos
-    if HAS_SELF:
-        slf = tl.load(SELF_ptr + offs_r, mask=r_in, other=-1)
-    lse = tl.load(LSE_ptr + offs_r, mask=r_in, other=0.0)
-    g = tl.load(G_ptr + offs_r, mask=r_in, other=0.0)
     r_tile = tl.zeros([BLOCK_R, BLOCK_D], dtype=R_ptr.dtype.element_ty)
     if ONE_D_TILE:
         r_tile = tl.load(R_ptr + offs_r[:, None] * stride_r + offs_do[None, :],
@@ -207,14 +213,9 @@ def _bwd_cols_kernel(R_ptr, C_ptr, POS_ptr, SELF_ptr, INV_R_ptr, INV_C_ptr, LSE_
     for r0 in range(0, n_rows, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_in = offs_r < n_rows
-        inv_r = tl.load(INV_R_ptr + offs_r, mask=r_in, other=0.0)
+        inv_r, pos, slf, lse, g = _row_state(INV_R_ptr, POS_ptr, SELF_ptr, LSE_ptr, G_ptr, offs_r, r_in,
+                                             HAS_SELF)
         row_scale = inv_r * inv_t
-        pos = tl.load(POS_ptr + offs_r, mask=r_in, other=-1)
-        slf = pos
-        if HAS_SELF:
-            slf = tl.load(SELF_ptr + offs_r, mask=r_in, other=-1)
-        lse = tl.load(LSE_ptr + offs_r, mask=r_in, other=0.0)
-        g = tl.load(G_ptr + offs_r, mask=r_in, other=0.0)
         r_tile = tl.load(R_ptr + offs_r[:, None] * stride_r + offs_do[None, :],
                          mask=r_in[:, None] & do_in[None, :], other=0.0)
         s = _logit_tile(R_ptr, C_ptr, offs_r, offs_c, r_in, c_in, dim, stride_r, stride_c,
