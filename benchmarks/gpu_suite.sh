@@ -21,3 +21,16 @@ env -u TRITON_INTERPRET "$PY" benchmarks/loss.py --device cuda \
     --sizes 1024 2048 4096 8192 16384 32768 65536 131072 262144 --dims 128 256 \
     --dtypes bfloat16 float32 2>&1 | tee benchmarks/results/logs/loss_gpu.log
 # ------------------------------------------------------------------------- (further stages below)
+
+# ------------------------------------------------- stage: augment (two-view SimCLR / BYOL views)
+# 1. correctness: fused Triton kernels vs the Kornia reference on the GPU (compiled, not the
+#    interpreter; the GPU-only check: a 64 x 375 x 500 uint8 batch -> 224 px fp32 / bf16 views),
+#    plus the sampling / recipe tests.
+env -u TRITON_INTERPRET "$PY" -m pytest tests/test_augment.py tests/test_augment_fused.py -q -rs 2>&1 \
+    | tee benchmarks/results/logs/test_augment_gpu.log
+# 2. benchmark: batch 512 of uint8 375 x 500 -> two 224 px bf16 views; fused vs kornia vs a
+#    torchvision.transforms.v2 loop (and triton_augment when installed); GB/s against 3350 GB/s
+#    (H100 SXM; pass --bandwidth-gbs for another card) -> benchmarks/results/augment_[byol_]<gpu>.json
+env -u TRITON_INTERPRET "$PY" benchmarks/augment.py --device cuda 2>&1 | tee benchmarks/results/logs/augment_gpu.log
+env -u TRITON_INTERPRET "$PY" benchmarks/augment.py --device cuda --recipe byol 2>&1 \
+    | tee benchmarks/results/logs/augment_byol_gpu.log

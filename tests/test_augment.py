@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from fastssl.augment import AugmentConfigError, SimCLRAugment, color_jitter
+from fastssl.augment import AugmentConfigError, MultiViewAugment, SimCLRAugment, color_jitter
+from fastssl.data.crops import crop_boxes
 
 IDENTITY = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0,
                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -143,3 +144,95 @@ def test_bad_images():
         aug.apply(torch.zeros(2, 4, 5, 5, dtype=torch.uint8), aug.sample(2))
     with pytest.raises(ValueError, match="unknown augmentation backend"):
         aug.apply(torch.zeros(2, 3, 5, 5, dtype=torch.uint8), aug.sample(2), backend="nope")
+
+
+# ----------------------------------------------------------- sampling distributions, multi-view
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_crop_area_and_aspect_ranges():
+    import math
+    aug = SimCLRAugment(size=16, crop_scale=(0.2, 0.6))
+    crop = aug.sample(20000, torch.Generator().manual_seed(0))["crop"]
+    scale, log_ratio = crop[:, 0], crop[:, 1]
+    assert scale.min() >= 0.2 and scale.max() <= 0.6 and abs(scale.mean().item() - 0.4) < 0.005
+    assert log_ratio.min() >= math.log(3 / 4) - 1e-6 and log_ratio.max() <= math.log(4 / 3) + 1e-6
+    assert abs(log_ratio.mean().item()) < 0.005                       # uniform in log space
+    boxes = crop_boxes(crop, 400, 400)       # large enough: never clamped (max side sqrt(0.6 * 4/3) * 400)
+    x0, y0, w, h = boxes.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 400 + 1e-3).all() and (y0 + h <= 400 + 1e-3).all()
+    torch.testing.assert_close(w * h / 400 ** 2, scale, rtol=1e-4, atol=0)
+    torch.testing.assert_close((w / h).log(), log_ratio, rtol=0, atol=1e-4)
+
+
+def test_jitter_factor_ranges_cover_the_interval():
+    f = SimCLRAugment(size=16, jitter_strength=1.0).sample(20000, torch.Generator().manual_seed(1))["factors"]
+    assert f[:, :3].min() >= 0.2 and f[:, :3].max() <= 1.8
+    assert f[:, :3].min() < 0.21 and f[:, :3].max() > 1.79
+    assert f[:, 3].min() >= -0.2 and f[:, 3].max() <= 0.2 and f[:, 3].min() < -0.19 and f[:, 3].max() > 0.19
+    assert (f[:, :3].mean(0) - 1.0).abs().max() < 0.02                 # uniform: centred on 1
+
+
+def test_jitter_order_is_uniform_over_24_permutations():
+    order = SimCLRAugment(size=16).sample(24000, torch.Generator().manual_seed(2))["order"]
+    counts = torch.unique(order, dim=0, return_counts=True)[1]
+    assert counts.numel() == 24 and counts.min() > 800 and counts.max() < 1200   # 1000 +- 6 sigma
+
+
+def test_flip_and_grayscale_rates_follow_settings():
+    p = SimCLRAugment(size=16, flip_p=0.3, grayscale_p=0.7).sample(20000, torch.Generator().manual_seed(3))
+    assert abs(p["flip"].float().mean().item() - 0.3) < 0.015
+    assert abs(p["grayscale"].float().mean().item() - 0.7) < 0.015
+
+
+def test_byol_recipe_rates_per_view():
+    views = MultiViewAugment.recipe("byol").sample(20000, torch.Generator().manual_seed(4))
+    assert len(views) == 2
+    assert views[0]["blur"].all() and not views[0]["solarize"].any()
+    assert abs(views[1]["blur"].float().mean().item() - 0.1) < 0.01
+    assert abs(views[1]["solarize"].float().mean().item() - 0.2) < 0.01
+    assert not torch.equal(views[0]["crop"], views[1]["crop"])         # independent draws
+
+
+def test_multi_crop_views_from_plain_dicts():
+    mv = MultiViewAugment([{"size": 16, "crop_scale": [0.14, 1.0], "copies": 2},
+                           {"size": 8, "crop_scale": [0.05, 0.14], "copies": 3}])
+    assert [v.size for v in mv.views] == [16, 16, 8, 8, 8] and len(mv) == 5
+    params = mv.sample(4000, torch.Generator().manual_seed(5))
+    assert params[2]["crop"][:, 0].min() >= 0.05 and params[2]["crop"][:, 0].max() <= 0.14
+    assert params[0]["crop"][:, 0].min() >= 0.14
+    outs = mv(images(n=3), torch.Generator().manual_seed(6))
+    assert [tuple(o.shape) for o in outs] == [(3, 3, 16, 16)] * 2 + [(3, 3, 8, 8)] * 3
+    assert MultiViewAugment.recipe("multi_crop").views[-1].size == 96
+
+
+def test_kornia_output_layout_and_dtype():
+    aug = SimCLRAugment(size=12)
+    p = aug.sample(2, torch.Generator().manual_seed(7))
+    out = aug.apply(images(n=2), p, out_dtype=torch.bfloat16, channels_last=True)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.float(), aug.apply(images(n=2), p), atol=0, rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("views,field", [([{"size": 0}], r"views\[0\]\.size"),
+                                         ([{}, {"blur_p": 2.0}], r"views\[1\]\.blur_p"),
+                                         ([{}, {"blurp": 0.5}], r"views\[1\]\.blurp: unknown"),
+                                         ([{"copies": 0}], r"views\[0\]\.copies"),
+                                         ([{}, "small"], r"views\[1\]"),
+                                         ([], "views"), ({"size": 8}, "views")])
+def test_bad_view_settings_name_the_field(views, field):
+    with pytest.raises(AugmentConfigError, match=field):
+        MultiViewAugment(views)
+
+
+def test_unknown_recipe_and_view_count():
+    with pytest.raises(AugmentConfigError, match="recipe"):
+        MultiViewAugment.recipe("dino")
+    mv = MultiViewAugment.recipe("simclr")
+    with pytest.raises(ValueError, match="2 views but 1"):
+        mv.apply(images(n=2), mv.sample(2)[:1])

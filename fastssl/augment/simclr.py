@@ -6,7 +6,9 @@ grayscale with p=0.2, Gaussian blur (kernel ~10% of the view, sigma 0.1-2), opti
 solarisation, then normalisation with the dataset mean/std.
 
 `sample(n, generator)` draws every random choice as tensors; `apply(images, params)` is a pure
-function of images and parameters, so one draw can be replayed through any backend.
+function of images and parameters, so one draw can be replayed through any backend:
+"kornia" (this file, the reference) or "fused" (Triton kernels, kernels/augment.py, dispatched
+by fused.py). Several views with their own settings (BYOL, multi-crop): multiview.py.
 
 Semantics every backend must share:
 - Images are uint8 (N, 3, H, W) or float in [0, 1]; the output is float, normalised.
@@ -27,6 +29,7 @@ import torch
 
 from fastssl.data.crops import crop_boxes, sample_crop_params
 
+BACKENDS = ("kornia", "fused")
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 LUMA = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights
 
@@ -99,16 +102,22 @@ class SimCLRAugment:
         }
 
     def apply(self, images: torch.Tensor, params: Dict[str, torch.Tensor], backend: str = "kornia",
-              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Apply drawn `params` to (N, 3, H, W) images; returns normalised (N, 3, size, size)."""
+              out_dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+        """Apply drawn `params` to (N, 3, H, W) images; returns normalised (N, 3, size, size).
+
+        backend: "kornia" (the reference) or "fused" (Triton kernels, see fastssl/augment/fused.py).
+        """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}")
         if images.shape[2] < 1 or images.shape[3] < 1:
             raise ValueError(f"images must be at least 1x1 pixels, got {images.shape[2]}x{images.shape[3]}")
         if images.shape[0] != params["flip"].shape[0]:
             raise ValueError(f"{images.shape[0]} images but parameters for {params['flip'].shape[0]}")
-        if backend != "kornia":
-            raise ValueError(f"unknown augmentation backend {backend!r}; choose one of: kornia")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown augmentation backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+        if backend == "fused":
+            from fastssl.augment.fused import apply_fused
+            return apply_fused(self, images, params, out_dtype, channels_last)
         p = {k: v.to(images.device) for k, v in params.items()}
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         x = self._crop_resize(x, p["crop"])
@@ -117,7 +126,8 @@ class SimCLRAugment:
         x = torch.where(p["grayscale"][:, None, None, None], grayscale(x).expand_as(x), x)
         x = self._blur(x, p["sigma"], p["blur"])
         x = torch.where(p["solarize"][:, None, None, None] & (x >= 0.5), 1.0 - x, x)
-        return normalize(x, self.mean, self.std).to(out_dtype)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return normalize(x, self.mean, self.std).to(out_dtype).contiguous(memory_format=fmt)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator = None, backend: str = "kornia") -> torch.Tensor:
         return self.apply(images, self.sample(images.shape[0], generator), backend=backend)
