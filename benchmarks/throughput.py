@@ -9,6 +9,9 @@ Stages (images/s, one image = its two views):
   loss      the contrastive loss forward and backward on random projections
   optim     one optimiser step over the model's parameters
   train     the real training step fed by the loader (end to end)
+`--stage optim-compare` times one LARS step over ResNet-50's parameters (backbone + the
+configured projector: ~28M parameters in 161 tensors) with the multi-tensor implementation
+(`optim.impl=foreach`) against the per-parameter loop (`reference`), and `apex` when installed.
 `--stage loss-backends -- [loss.py arguments]` runs the sweep of benchmarks/loss.py instead.
 Each stage is warmed up, then timed per step (median, p20, p80). A table is printed and a JSON
 record (device, versions, git sha, config, command, numbers) is appended to
@@ -36,6 +39,7 @@ from fastssl.train.trainer import (augment_generator, build_augment, build_model
 STAGES = ("data", "augment", "model", "loss", "optim", "train")
 # `--stage loss-backends -- ARGS` runs the loss backends' sweep, benchmarks/loss.py ARGS.
 SWEEPS = ("loss-backends",)
+COMPARISONS = ("optim-compare",)
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -132,10 +136,40 @@ def run(cfg, stages, steps: int, warmup: int):
     return device, results
 
 
+def optim_compare(cfg, steps: int, warmup: int):
+    """Seconds per LARS step on ResNet-50's parameters, per implementation (random gradients)."""
+    from fastssl.optim import IMPLS
+    device = resolve_device(cfg.train.device)
+    cfg.model.backbone = "resnet50"
+    model = build_model(cfg).to(device)
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(p.shape, generator=gen) * 1e-3).to(device) for p in params]
+    results = {}
+    for impl in IMPLS:
+        cfg.optim.name, cfg.optim.impl = "lars", impl
+        try:
+            optimizer = build_optimizer(model, cfg.optim, 0.1)
+        except RuntimeError as exc:          # apex not installed
+            print(f"  lars-{impl}: skipped ({exc})", file=sys.stderr)
+            continue
+        for p, g in zip(params, grads):
+            p.grad = g
+        times = timed(optimizer.step, steps, warmup, device)
+        results[f"lars-{impl}"] = {**summarise(times, 1), "n_params": sum(p.numel() for p in params),
+                                   "n_tensors": len(params)}
+        results[f"lars-{impl}"]["steps_per_s"] = results[f"lars-{impl}"].pop("images_per_s")
+        print(f"  lars-{impl:9s} {1e3 * results[f'lars-{impl}']['median_s']:8.2f} ms/step", file=sys.stderr)
+    if "lars-foreach" in results and "lars-reference" in results:
+        results["speedup_foreach_vs_reference"] = (results["lars-reference"]["median_s"]
+                                                   / results["lars-foreach"]["median_s"])
+    return device, results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(Path(__file__).parent.parent / "configs" / "demo.yaml"))
-    parser.add_argument("--stage", default="all", choices=("all",) + STAGES + SWEEPS)
+    parser.add_argument("--stage", default="all", choices=("all",) + STAGES + SWEEPS + COMPARISONS)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per stage")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per stage")
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/throughput_<device>.json)")
@@ -151,6 +185,16 @@ def main(argv=None) -> int:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     stages = STAGES if args.stage == "all" else (args.stage,)
+    if args.stage == "optim-compare":
+        device, results = optim_compare(cfg, args.steps, args.warmup)
+        print(f"\nLARS step, resnet50 + projector parameters, on {loss_benchmark.device_slug(str(device))}")
+        for name, r in results.items():
+            if isinstance(r, dict):
+                print(f"{name:16s}{1e3 * r['median_s']:10.2f} ms/step (p20 {1e3 * r['p20_s']:.2f}, "
+                      f"p80 {1e3 * r['p80_s']:.2f})")
+        if "speedup_foreach_vs_reference" in results:
+            print(f"foreach speed-up over the per-parameter loop: {results['speedup_foreach_vs_reference']:.2f}x")
+        return _write_record(args, argv, cfg, device, results)
     device, results = run(cfg, stages, args.steps, args.warmup)
 
     print(f"\nthroughput on {loss_benchmark.device_slug(str(device))} (batch {cfg.train.batch_size}, {cfg.augment.size}px, "
@@ -159,8 +203,12 @@ def main(argv=None) -> int:
     for name, r in results.items():
         print(f"{name:10s}{r['images_per_s']:12.1f}{1e3 * r['median_s']:12.1f}{1e3 * r['p20_s']:10.1f}{1e3 * r['p80_s']:10.1f}")
 
+    return _write_record(args, argv, cfg, device, results)
+
+
+def _write_record(args, argv, cfg, device, results) -> int:
     record = {
-        "benchmark": "throughput", "device": loss_benchmark.device_slug(str(device)), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "benchmark": "throughput" if args.stage != "optim-compare" else "optim-compare", "device": loss_benchmark.device_slug(str(device)), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join(["python", "benchmarks/throughput.py"] + argv),
         "git_sha": git_sha(), "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "config": to_dict(cfg), "stages": results,

@@ -14,6 +14,38 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _device(cfg):
+    from fastssl.train.trainer import resolve_device
+    return resolve_device(cfg.train.device)
+
+
+def cmd_eval(args) -> int:
+    from fastssl.eval.commands import eval_knn, eval_linear, load_for_eval
+    cfg, state = load_for_eval(args.checkpoint, args.config, args.overrides)
+    if args.protocol == "knn":
+        r = eval_knn(cfg, state, _device(cfg))
+        print(f"kNN top-1: {r['knn_top1']:.1f}% (k={cfg.eval.knn_k}, t={cfg.eval.knn_temperature:g}, "
+              f"epoch {state['epoch']}, step {state['step']})")
+    else:
+        r = eval_linear(cfg, state, _device(cfg))
+        print(f"linear top-1: {r['top1']:.1f}% top-5: {r['top5']:.1f}% (train top-1 {r['train_top1']:.1f}%, "
+              f"{cfg.eval.linear_epochs} epochs, epoch {state['epoch']}, step {state['step']})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from fastssl.eval.commands import export_backbone, load_for_eval
+    cfg, state = load_for_eval(args.checkpoint, args.config, args.overrides)
+    out = export_backbone(cfg, state, args.out)
+    fix = "model.fc = torch.nn.Identity()"
+    if cfg.model.stem == "small":
+        fix += ("; model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
+                "model.maxpool = torch.nn.Identity()")
+    print(f"wrote {out}: load with model = torchvision.models.{cfg.model.backbone}(); {fix}; "
+          f"model.load_state_dict(torch.load('{out}'))")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastssl", description="Fast self-supervised learning for vision.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -24,6 +56,23 @@ def main(argv=None) -> int:
     p_train.add_argument("--help-config", action="store_true", help="list every config key with its default")
     p_train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=1")
     p_train.set_defaults(func=cmd_train)
+
+    def checkpoint_args(p):
+        p.add_argument("--checkpoint", required=True, help="a pre-training checkpoint (checkpoints/*.pt)")
+        p.add_argument("--config", help="YAML config (default: the config saved in the checkpoint)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.val=...")
+
+    p_eval = sub.add_parser("eval", help="evaluate a checkpoint's frozen backbone (knn or linear)")
+    eval_sub = p_eval.add_subparsers(dest="protocol", required=True)
+    p_knn = eval_sub.add_parser("knn", help="weighted kNN top-1 on the val split (eval.knn_k, eval.knn_temperature)")
+    checkpoint_args(p_knn)
+    p_lin = eval_sub.add_parser("linear", help="linear probe on frozen features: top-1 and top-5 (eval.linear_*)")
+    checkpoint_args(p_lin)
+    p_eval.set_defaults(func=cmd_eval)
+    p_export = sub.add_parser("export", help="write the backbone as a torchvision-loadable state dict")
+    checkpoint_args(p_export)
+    p_export.add_argument("--out", required=True, help="output file, e.g. backbone.pt")
+    p_export.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
     if getattr(args, "help_config", False):
         print(describe())

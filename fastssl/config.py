@@ -96,7 +96,11 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     name: str = "lars"
-    """Optimiser: `lars` or `sgd`."""
+    """Optimiser: `lars`, `sgd` (with momentum) or `adamw`."""
+    impl: str = "foreach"
+    """Optimiser implementation: `foreach` (multi-tensor torch._foreach ops, the default),
+    `reference` (a Python loop over parameters) or `apex` (LARS only: NVIDIA apex's LARC around
+    FusedSGD; an error when apex is not installed)."""
     lr: float = 0.3
     """Base learning rate, scaled by `lr_scaling`."""
     lr_scaling: str = "linear"
@@ -118,7 +122,8 @@ class TrainConfig:
     epochs: int = 100
     """Number of pre-training epochs."""
     batch_size: int = 4096
-    """Images per optimiser step (each gives two views)."""
+    """Images per optimiser step (each gives two views): the GLOBAL batch, split evenly over the
+    processes under torchrun (an error if it does not divide)."""
     precision: str = "auto"
     """`bf16` autocast (CPU and GPU), `fp16` autocast with a gradient scaler (GPU only), `fp32`, or
     `auto`: bf16 on a GPU, fp32 on CPU (where bf16 is emulated and an order of magnitude slower)."""
@@ -127,10 +132,31 @@ class TrainConfig:
     stop_after_epochs: int = 0
     """Stop after this many epochs (as a pre-empted job would) without changing the schedule,
     which `epochs` defines; `train.resume=true` continues. 0 runs to the end."""
+    stop_after_steps: int = 0
+    """Stop after this global step (within an epoch if need be), writing last.pt with the position
+    in the epoch, without changing the schedule; `train.resume=true` continues. 0: no limit."""
     seed: int = 0
     """Seed for the model initialisation, the data order, the crops and the augmentations."""
     resume: Union[bool, str] = False
-    """`true` continues from the run directory's last checkpoint; a path continues from that file."""
+    """`true` continues from the run directory's last checkpoint (an error if there is none); `auto`
+    does the same but starts afresh when the run directory holds no checkpoint yet (for jobs that
+    a scheduler or torchrun restarts); a path continues from that file. A corrupt or truncated
+    last.pt falls back, with a warning, to the newest readable epoch_NNNN.pt."""
+    checkpoint_every_steps: int = 0
+    """Also write checkpoints/last.pt every this many steps within an epoch (with the position in
+    the epoch, so a resume skips the batches already done); 0: only at the end of each epoch."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss is NaN or infinite is skipped (no update; with fp16 the gradient scaler
+    skips it); this many such steps in a row stop the run with NonFiniteLossError."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value before each optimiser step (after unscaling
+    with fp16); 0: no clipping."""
+    compile: bool = False
+    """torch.compile the model (the first steps are slow while it compiles; needs a C++ compiler
+    on CPU)."""
+    sync_bn: bool = True
+    """With several processes (torchrun), synchronise batch-norm statistics across them, so the
+    statistics cover the global batch as SimCLR prescribes. No effect in a single process."""
     threads: int = 0
     """CPU threads for torch (0 keeps torch's default)."""
     log_every: int = 10
@@ -145,6 +171,17 @@ class EvalConfig:
     """Temperature of the kNN vote weights exp(sim / t)."""
     batch_size: int = 256
     """Batch size for feature extraction."""
+    knn_every_epochs: int = 0
+    """During pre-training, kNN-evaluate the backbone every this many epochs (a metrics line with
+    event `knn`); 0: only the final evaluation at the end."""
+    linear_epochs: int = 100
+    """`fastssl eval linear`: epochs of the linear classifier on the frozen features."""
+    linear_lr: float = 0.1
+    """`fastssl eval linear`: peak learning rate (SGD, momentum 0.9, cosine decay to 0)."""
+    linear_batch_size: int = 256
+    """`fastssl eval linear`: batch size of the classifier's training."""
+    linear_weight_decay: float = 0.0
+    """`fastssl eval linear`: weight decay of the classifier."""
 
 
 @dataclass
@@ -153,6 +190,9 @@ class RunConfig:
     """Run directory: resolved config, metrics.jsonl, checkpoints."""
     keep_checkpoints: int = 2
     """Number of epoch checkpoints kept besides `last.pt`."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard scalars to run.dir/tensorboard (needs the
+    `tensorboard` package; an error if it is missing)."""
 
 
 @dataclass
@@ -297,14 +337,16 @@ def load_config(path: Union[str, Path, None] = None, overrides: Union[List[str],
 CHOICES = {
     "data.loader": ("pil",),
     "model.stem": ("imagenet", "small"),
-    "optim.name": ("lars", "sgd"),
+    "optim.name": ("lars", "sgd", "adamw"),
+    "optim.impl": ("foreach", "reference", "apex"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
 }
 POSITIVE = ("data.embedded_train_per_class", "data.embedded_val_per_class", "data.embedded_image_size",
             "augment.size", "model.proj_hidden_dim", "model.proj_dim", "model.proj_layers",
-            "loss.temperature", "train.epochs", "train.batch_size", "train.log_every",
-            "eval.knn_k", "eval.knn_temperature", "eval.batch_size", "optim.lr")
+            "loss.temperature", "train.epochs", "train.batch_size", "train.log_every", "train.max_nonfinite_steps",
+            "eval.knn_k", "eval.knn_temperature", "eval.batch_size", "eval.linear_epochs", "eval.linear_lr",
+            "eval.linear_batch_size", "optim.lr")
 PROBABILITIES = ("augment.flip_p", "augment.jitter_p", "augment.grayscale_p", "augment.blur_p",
                  "augment.solarize_p")
 RANGES = ("augment.crop_scale", "augment.crop_ratio", "augment.blur_sigma")
@@ -330,7 +372,13 @@ def validate(cfg: Config) -> None:
         low_high = get(cfg, key)
         if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
             raise ConfigError(f"{key}: expected [min, max] with 0 < min <= max, got {low_high!r}")
-    for key in ("data.workers", "train.threads", "train.stop_after_epochs", "optim.weight_decay", "optim.momentum",
+    if not cfg.optim.momentum < 1.0:
+        raise ConfigError(f"optim.momentum: must lie in [0, 1), got {cfg.optim.momentum!r}")
+    if not cfg.optim.trust_coefficient > 0:
+        raise ConfigError(f"optim.trust_coefficient: must be > 0, got {cfg.optim.trust_coefficient!r}")
+    for key in ("data.workers", "train.threads", "train.stop_after_epochs", "train.checkpoint_every_steps",
+                "train.stop_after_steps", "eval.knn_every_epochs", "eval.linear_weight_decay",
+                "train.grad_clip", "optim.weight_decay", "optim.momentum",
                 "optim.warmup_epochs", "run.keep_checkpoints", "augment.jitter_strength"):
         if get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(cfg, key)!r}")

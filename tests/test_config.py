@@ -95,3 +95,17 @@ def test_every_field_is_documented():
     assert "train.epochs = 100\n    Number of pre-training epochs." in text
     undocumented = [line for line in text.splitlines() if line.strip() == ""]
     assert not undocumented
+
+
+def test_new_keys_validate_and_name_the_key():
+    cfg = load_config(None, ["train.resume=auto", "train.checkpoint_every_steps=100", "optim.impl=reference",
+                             "optim.name=adamw", "eval.knn_every_epochs=5", "train.grad_clip=1.0"])
+    assert (cfg.train.resume, cfg.train.checkpoint_every_steps, cfg.optim.impl) == ("auto", 100, "reference")
+    assert (cfg.train.max_nonfinite_steps, cfg.train.sync_bn, cfg.eval.linear_epochs) == (5, True, 100)
+    for override, message in [("train.checkpoint_every_steps=-1", "train.checkpoint_every_steps: must be >= 0"),
+                              ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps: must be > 0"),
+                              ("train.grad_clip=-1", "train.grad_clip: must be >= 0"),
+                              ("eval.linear_epochs=0", "eval.linear_epochs: must be > 0"),
+                              ("eval.knn_every_epochs=-2", "eval.knn_every_epochs: must be >= 0")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])

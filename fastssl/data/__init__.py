@@ -18,11 +18,13 @@ def resolve_paths(data_cfg, log=print):
 
 
 def build_loader(data_cfg, root, *, size, batch_size, seed=0, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                 device="cpu", train=True):
-    """The loader named by `data.loader` over the ImageFolder at `root`."""
+                 device="cpu", train=True, rank=0, world_size=1):
+    """The loader named by `data.loader` over the ImageFolder at `root`; `batch_size` is per process,
+    and a training loader yields this rank's share of each global batch."""
     if data_cfg.loader == "pil":
         return ImageFolderLoader(root, size=size, batch_size=batch_size, seed=seed, scale=scale, ratio=ratio,
-                                 workers=data_cfg.workers, device=device, train=train)
+                                 workers=data_cfg.workers, device=device, train=train, rank=rank,
+                                 world_size=world_size)
     raise ValueError(f"data.loader: unknown loader {data_cfg.loader!r}; choose one of {', '.join(LOADERS)}")
 
 

@@ -7,6 +7,15 @@ device (two RandomResizedCrops of each image for pre-training), `labels` and `in
 Reproducibility: the sampler hands each image a seed derived from (seed, epoch, position), and
 the dataset draws that image's crops from it, so a batch's pixels do not depend on the number
 of workers, and epoch e of a resumed run sees exactly what an uninterrupted run saw.
+
+Several processes (torchrun): every rank draws the same permutation of the epoch, keeps the
+first `batches x global batch` positions (the remainder is dropped, so every rank has the same
+number of batches), and takes its own contiguous slice of each global batch: rank r's k-th
+batch is positions [k*B + r*b, k*B + (r+1)*b) of the permutation (B = global, b = B / ranks).
+Concatenated over ranks, the k-th batches are exactly the single-process k-th batch.
+
+Mid-epoch resume: `set_epoch(e, start_batch=k)` starts at batch k without reading (let alone
+decoding) the images of the skipped batches.
 """
 import logging
 import os
@@ -104,21 +113,39 @@ class CenterViewDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields (index, per-image seed); the order is a permutation drawn from (seed, epoch)."""
+    """Yields (index, per-image seed); the order is a permutation drawn from (seed, epoch).
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+    With `batch_size` (the per-rank batch) set, only whole global batches are yielded, this
+    rank's slice of each, from batch `start_batch` on (see the module docstring).
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, batch_size: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.batch_size, self.rank, self.world_size, self.start_batch = batch_size, rank, world_size, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch_size * self.world_size) if self.batch_size else 0
 
     def __len__(self) -> int:
-        return self.n
+        if not self.batch_size:
+            return self.n
+        return max(0, self.batches_per_epoch() - self.start_batch) * self.batch_size
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
         seeds = torch.randint(0, 2**62, (self.n,), generator=gen)
+        if self.batch_size:
+            b, nb = self.batch_size, self.batches_per_epoch()
+            mine = torch.arange(nb * b * self.world_size).view(nb, self.world_size, b)[self.start_batch:, self.rank]
+            mine = mine.reshape(-1)
+            order, seeds = order[mine], seeds[mine]
         return iter(zip(order.tolist(), seeds.tolist()))
 
 
@@ -126,16 +153,20 @@ class ImageFolderLoader:
     """Batches of `(views, labels, indices)` on `device`; `set_epoch(e)` before each epoch."""
 
     def __init__(self, root, *, size: int, batch_size: int, seed: int = 0, scale=(0.08, 1.0),
-                 ratio=(3 / 4, 4 / 3), workers: int = 2, device="cpu", train: bool = True):
+                 ratio=(3 / 4, 4 / 3), workers: int = 2, device="cpu", train: bool = True, rank: int = 0,
+                 world_size: int = 1):
+        """`batch_size` is per process; with `world_size` processes a global batch is
+        `batch_size * world_size` images (training only; evaluation loaders are not sharded)."""
         self.samples, self.classes = scan_image_folder(root)
         self.device = torch.device(device)
         self.train = train
         if train:
-            if len(self.samples) < batch_size:
+            if len(self.samples) < batch_size * world_size:
                 raise ValueError(f"{root} holds {len(self.samples)} images, fewer than one batch "
-                                 f"(train.batch_size={batch_size}); lower the batch size")
+                                 f"(train.batch_size={batch_size * world_size}); lower the batch size")
             dataset = TwoViewDataset(self.samples, size, scale, ratio)
-            self.sampler = EpochSampler(len(self.samples), seed)
+            self.sampler = EpochSampler(len(self.samples), seed, batch_size=batch_size, rank=rank,
+                                        world_size=world_size)
         else:
             dataset = CenterViewDataset(self.samples, size)
             self.sampler = None
@@ -143,8 +174,13 @@ class ImageFolderLoader:
             dataset, batch_size=batch_size, sampler=self.sampler, shuffle=False, drop_last=train,
             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Epoch `epoch` from its batch `start_batch` on (the earlier ones are not read)."""
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def batches_per_epoch(self) -> int:
+        """Batches in a whole epoch (len() counts those left after `start_batch`)."""
+        return self.sampler.batches_per_epoch() if self.train else len(self.loader)
 
     def __len__(self) -> int:
         return len(self.loader)

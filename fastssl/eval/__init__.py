@@ -1,4 +1,5 @@
 """Evaluation of frozen backbones."""
 from fastssl.eval.knn import extract_features, knn_accuracy, knn_predict
+from fastssl.eval.linear import linear_probe, topk_accuracy
 
-__all__ = ["extract_features", "knn_accuracy", "knn_predict"]
+__all__ = ["extract_features", "knn_accuracy", "knn_predict", "linear_probe", "topk_accuracy"]

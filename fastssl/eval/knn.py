@@ -10,13 +10,16 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def extract_features(backbone: torch.nn.Module, loader, preprocess: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised fp32 features and labels for every image the loader yields (eval mode)."""
+def extract_features(backbone: torch.nn.Module, loader, preprocess: Callable,
+                     normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 features (L2-normalised unless `normalize=False`) and labels for every image the loader
+    yields (eval mode)."""
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
     for views, y, _ in loader:
-        feats.append(F.normalize(backbone(preprocess(views[0])).float(), dim=1))
+        f = backbone(preprocess(views[0])).float()
+        feats.append(F.normalize(f, dim=1) if normalize else f)
         labels.append(y)
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)

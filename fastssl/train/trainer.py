@@ -3,12 +3,21 @@ method, optimiser, checkpoints and evaluation; the algorithms live in their own 
 
 Every random choice derives from `train.seed`: the model initialisation, the data order and
 crops (per epoch, in the loader), and the augmentation parameters (per step, below). So a run
-resumed from a checkpoint continues exactly as the uninterrupted run would have.
+resumed from a checkpoint continues exactly as the uninterrupted run would have, from the end
+of an epoch or from a position within one (`train.checkpoint_every_steps`, SIGTERM/SIGUSR1,
+`train.stop_after_steps`): the loader starts at the saved batch without reading the ones before.
+
+A non-finite loss skips its step; `train.max_nonfinite_steps` of them in a row raise
+NonFiniteLossError. Under torchrun (WORLD_SIZE > 1) `train.batch_size` is the global batch, each
+rank trains on its slice of every global batch (fastssl.train.distributed), and rank 0 alone
+logs, writes metrics and checkpoints, and evaluates.
 """
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,7 +32,9 @@ from fastssl.eval import extract_features, knn_accuracy
 from fastssl.losses import BACKENDS
 from fastssl.methods import SimCLR
 from fastssl.optim import build_optimizer, lr_at, scaled_lr
-from fastssl.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from fastssl.train.checkpoint import find_and_load, rng_state, save_checkpoint, save_last, set_rng_state
+from fastssl.train.distributed import (DistInfo, barrier, cleanup, convert_sync_batchnorm, init_distributed,
+                                       local_device)
 from fastssl.train.progress import Progress
 
 log = logging.getLogger("fastssl")
@@ -86,128 +97,324 @@ def setup_logging(run_dir: Path) -> None:
 
 
 class Metrics:
-    """Appends JSON lines to run_dir/metrics.jsonl."""
+    """Appends JSON lines to run_dir/metrics.jsonl (and, with `tensorboard`, scalars to run_dir/tensorboard)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tensorboard: bool = False):
         self.path = path
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError("run.tensorboard=true needs the `tensorboard` package (pip install "
+                                   f"tensorboard), or set run.tensorboard=false ({exc})") from None
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, **record) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.writer is not None and "step" in record:
+            for key, value in record.items():
+                if key not in ("event", "epoch", "step") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{record['event']}/{key}", value, record["step"])
+            self.writer.flush()
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def resolve_schedule(cfg: Config, steps_per_epoch: int) -> Dict[str, float]:
+    """Peak lr (scaled by the GLOBAL batch), warm-up steps and total steps of the run."""
+    peak_lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)
+    return {"peak_lr": peak_lr, "warmup_steps": round(cfg.optim.warmup_epochs * steps_per_epoch),
+            "total_steps": steps_per_epoch * cfg.train.epochs}
+
+
+def unwrap(model):
+    """The SimCLR module inside torch.compile's and DistributedDataParallel's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def train(cfg: Config) -> Dict[str, float]:
-    """Pre-train, checkpoint every epoch, evaluate by kNN; returns the final metrics ({} when stopped early)."""
+    """Pre-train, checkpoint every epoch, evaluate by kNN; returns the final metrics ({} when stopped early).
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 alone logs, writes metrics and
+    checkpoints, and evaluates.
+    """
+    device = resolve_device(cfg.train.device)
+    dist_info = init_distributed(device)
+    try:
+        with StopSignal() as stop:
+            return _train(cfg, local_device(device, dist_info), dist_info, stop)
+    finally:
+        cleanup(dist_info)
+
+
+def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSignal) -> Dict[str, float]:
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir)
-    save_config(cfg, run_dir / "config.yaml")
+    main = dist_info.is_main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+    else:
+        log.setLevel(logging.WARNING)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
     autocast_dtype, use_scaler = resolve_precision(cfg.train.precision, device)
+    world = dist_info.world_size
+    if cfg.train.batch_size % world:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible "
+                         f"by the number of processes ({world})")
+    local_batch = cfg.train.batch_size // world
 
     train_dir, val_dir = resolve_paths(cfg.data, log=log.info)
-    loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=cfg.train.batch_size,
+    loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=local_batch,
                           seed=cfg.train.seed, scale=cfg.augment.crop_scale, ratio=cfg.augment.crop_ratio,
-                          device=device, train=True)
+                          device=device, train=True, rank=dist_info.rank, world_size=world)
     augment = build_augment(cfg)
-    model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
-    steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    peak_lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size, cfg.optim.lr_scaling)
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    optimizer = build_optimizer(model, cfg.optim, peak_lr)
+    model = build_model(cfg)
+    if dist_info.enabled and cfg.train.sync_bn:
+        model = convert_sync_batchnorm(model, device)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    steps_per_epoch = loader.batches_per_epoch()
+    schedule = resolve_schedule(cfg, steps_per_epoch)
+    optimizer = build_optimizer(model, cfg.optim, schedule["peak_lr"])
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    log.info("%d training images (%s), %d steps/epoch, %d epochs; peak lr %.4g (%s scaling of %g), "
-             "%d warm-up steps; device %s", len(loader.samples), train_dir, steps_per_epoch, cfg.train.epochs,
-             peak_lr, cfg.optim.lr_scaling, cfg.optim.lr, warmup_steps, device)
+    log.info("%d training images (%s), %d steps/epoch (global batch %d = %d process(es) x %d), %d epochs; "
+             "peak lr %.4g (%s scaling of %g), %d warm-up steps, %d steps in all; device %s",
+             len(loader.samples), train_dir, steps_per_epoch, cfg.train.batch_size, world, local_batch,
+             cfg.train.epochs, schedule["peak_lr"], cfg.optim.lr_scaling, cfg.optim.lr, schedule["warmup_steps"],
+             schedule["total_steps"], device)
+    if world > 1 and len(loader.samples) % cfg.train.batch_size:
+        log.info("each epoch drops the last %d images of its permutation (not a whole global batch)",
+                 len(loader.samples) % cfg.train.batch_size)
 
-    start_epoch, step = 0, 0
-    if cfg.train.resume:
-        path = resolve_resume(cfg.train.resume, run_dir)
-        state = load_checkpoint(path, map_location=device)
+    start_epoch, start_batch, step = 0, 0, 0
+    path, state = find_and_load(cfg.train.resume, run_dir, map_location=device)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start_epoch, step = state["epoch"], state["step"]
-        log.info("resumed from %s at epoch %d, step %d", path, start_epoch, step)
+        set_rng_state(state.get("rng"))
+        start_epoch, start_batch, step = state["epoch"], state.get("batch", 0), state["step"]
+        log.info("resumed from %s at epoch %d, batch %d, step %d", path, start_epoch + 1, start_batch, step)
+    if dist_info.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    metrics = Metrics(run_dir / "metrics.jsonl")
+    if cfg.train.compile:
+        log.info("train.compile=true: compiling the model (the first steps take longer)")
+        model = torch.compile(model)
+    metrics = Metrics(run_dir / "metrics.jsonl", cfg.run.tensorboard) if main else None
+    if main:
+        metrics.write(event="start", epoch=start_epoch, step=step, world_size=world,
+                      batch_size=cfg.train.batch_size, steps_per_epoch=steps_per_epoch, **schedule)
+
+    def checkpoint(epoch_done: int, batch: int, step: int) -> Path:
+        """Rank 0 writes the state at global `step`, after `batch` batches of epoch index `epoch_done`
+        (batch 0: the end of epoch `epoch_done`, numbered epoch_NNNN.pt)."""
+        state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler else None, "epoch": epoch_done, "batch": batch,
+                 "step": step, "rng": rng_state(), "config": to_dict(cfg)}
+        if batch == 0:
+            return save_checkpoint(state, run_dir, epoch_done, keep=cfg.run.keep_checkpoints)
+        return save_last(state, run_dir)
+
     context = dict(model=model, optimizer=optimizer, scaler=scaler, augment=augment, device=device,
-                   autocast_dtype=autocast_dtype, metrics=metrics, peak_lr=peak_lr,
-                   warmup_steps=warmup_steps, total_steps=total_steps)
+                   autocast_dtype=autocast_dtype, metrics=metrics, dist_info=dist_info, stop=stop,
+                   checkpoint=checkpoint if main else None, counters={"nonfinite_run": 0}, **schedule)
     end_epoch = min(cfg.train.epochs, cfg.train.stop_after_epochs or cfg.train.epochs)
+    stopped = None
     for epoch in range(start_epoch, end_epoch):
-        loader.set_epoch(epoch)
-        step = train_epoch(cfg, loader, epoch, step, **context)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict() if scaler else None, "epoch": epoch + 1, "step": step,
-                 "config": to_dict(cfg)}
-        save_checkpoint(state, run_dir, epoch + 1, keep=cfg.run.keep_checkpoints)
+        loader.set_epoch(epoch, start_batch)
+        step, batch, stopped = train_epoch(cfg, loader, epoch, step, start_batch, **context)
+        start_batch = 0
+        if stopped and batch < steps_per_epoch:
+            saved = checkpoint(epoch, batch, step) if main else None
+            barrier(dist_info)
+            log.info("%s: wrote %s at epoch %d, batch %d/%d, step %d; continue with the same command plus "
+                     "train.resume=true (run.dir=%s)", stopped, saved, epoch + 1, batch, steps_per_epoch, step,
+                     run_dir)
+            return {}
+        if main:
+            checkpoint(epoch + 1, 0, step)
+            every = cfg.eval.knn_every_epochs
+            if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
+                monitor = evaluate(cfg, unwrap(model), train_dir, val_dir, device, random_init=False)
+                metrics.write(event="knn", epoch=epoch + 1, step=step, **monitor)
+                log.info("epoch %d: kNN top-1 %.1f%%", epoch + 1, monitor["knn_top1"])
+        if stopped:
+            barrier(dist_info)
+            log.info("%s: wrote the checkpoint of epoch %d (step %d); continue with the same command plus "
+                     "train.resume=true (run.dir=%s)", stopped, epoch + 1, step, run_dir)
+            return {}
 
     if end_epoch < cfg.train.epochs:
         log.info("stopped after epoch %d of %d (train.stop_after_epochs); continue with train.resume=true",
                  end_epoch, cfg.train.epochs)
         return {}
-    results = evaluate(cfg, model, train_dir, val_dir, device)
-    metrics.write(event="eval", epoch=cfg.train.epochs, step=step, **results)
+    results = {}
+    if main:
+        results = evaluate(cfg, unwrap(model), train_dir, val_dir, device)
+        metrics.write(event="eval", epoch=cfg.train.epochs, step=step, **results)
+    barrier(dist_info)
     return results
 
 
-def train_epoch(cfg: Config, loader, epoch: int, step: int, *, model, optimizer, scaler, augment, device,
-                autocast_dtype, metrics, peak_lr, warmup_steps, total_steps) -> int:
-    """One pass over the loader; returns the global step after it."""
+def train_epoch(cfg: Config, loader, epoch: int, step: int, start_batch: int = 0, *, model, optimizer, scaler,
+                augment, device, autocast_dtype, metrics, peak_lr, warmup_steps, total_steps,
+                dist_info: DistInfo = DistInfo(), stop: StopSignal = None, checkpoint=None, counters=None):
+    """The batches of one epoch from `start_batch` on; returns (global step, batches of the epoch
+    done, the name of the reason to stop early or None). `counters['nonfinite_run']` carries the
+    count of consecutive non-finite steps from one epoch to the next."""
+    counters = counters if counters is not None else {}
     model.train()
-    progress = Progress(len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
+    main = dist_info.is_main
+    steps_per_epoch = loader.batches_per_epoch()
+    progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}") if main else None
     window_images, window_start, data_wait = 0, time.perf_counter(), 0.0
     fetch_start = time.perf_counter()
-    for i, (views, _, _) in enumerate(loader):
+    batch, nonfinite_run = start_batch, counters.get("nonfinite_run", 0)
+    for views, _, _ in loader:
         data_wait += time.perf_counter() - fetch_start
         lr = lr_at(step, peak_lr, warmup_steps, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, stats = train_step(views, step, cfg.train.seed, model=model, optimizer=optimizer, scaler=scaler,
-                                 augment=augment, device=device, autocast_dtype=autocast_dtype)
+                                 augment=augment, device=device, autocast_dtype=autocast_dtype,
+                                 shard=(dist_info.rank, dist_info.world_size), grad_clip=cfg.train.grad_clip)
+        if device.type == "cuda":
+            stats["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if not math.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite loss ({loss}) at epoch {epoch + 1}, step {step} "
-                                     f"(lr {lr:.4g}); lower optim.lr or check the data")
+            nonfinite_run += 1
+            log.warning("non-finite loss (%s) at epoch %d, step %d (lr %.4g): step skipped (%d in a row, "
+                        "the limit train.max_nonfinite_steps is %d)", loss, epoch + 1, step, lr, nonfinite_run,
+                        cfg.train.max_nonfinite_steps)
+            if main:
+                metrics.write(event="nonfinite", epoch=epoch + 1, step=step, loss=str(loss), lr=lr,
+                              in_a_row=nonfinite_run)
+            if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteLossError(f"non-finite loss ({loss}) at epoch {epoch + 1}, step {step} "
+                                         f"(lr {lr:.4g}): {nonfinite_run} consecutive steps "
+                                         f"(train.max_nonfinite_steps); lower optim.lr or check the data")
+        else:
+            nonfinite_run = 0
+        counters["nonfinite_run"] = nonfinite_run
         step += 1
-        window_images += views[0].shape[0]
+        batch += 1
+        window_images += views[0].shape[0] * dist_info.world_size
         elapsed = time.perf_counter() - window_start
-        progress.update(i + 1, loss=loss, lr=lr, **{"img/s": round(window_images / max(elapsed, 1e-9))})
-        if step % cfg.train.log_every == 0 or i + 1 == len(loader):
+        if main:
+            progress.update(batch, loss=loss, lr=lr, **{"img/s": round(window_images / max(elapsed, 1e-9))})
+        if main and (step % cfg.train.log_every == 0 or batch == steps_per_epoch):
             metrics.write(event="train", epoch=epoch + 1, step=step, loss=loss, lr=lr,
                           images_per_s=window_images / max(elapsed, 1e-9),
                           data_wait_share=data_wait / max(elapsed, 1e-9), **stats)
             window_images, window_start, data_wait = 0, time.perf_counter(), 0.0
+        reason = stop_reason(cfg, step, stop, dist_info)
+        if reason:
+            return step, batch, reason
+        if (checkpoint is not None and cfg.train.checkpoint_every_steps and batch < steps_per_epoch
+                and step % cfg.train.checkpoint_every_steps == 0):
+            checkpoint(epoch, batch, step)
         fetch_start = time.perf_counter()
-    log.info("epoch %d/%d done in %.1fs", epoch + 1, cfg.train.epochs, progress.elapsed())
-    return step
+    if main:
+        log.info("epoch %d/%d done in %.1fs", epoch + 1, cfg.train.epochs, progress.elapsed())
+    return step, batch, None
 
 
-def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment, device, autocast_dtype):
-    """Augment both views, forward, backward, optimiser step. Returns (loss value, stats)."""
+def stop_reason(cfg: Config, step: int, stop: StopSignal, dist_info: DistInfo):
+    """'SIGTERM' / 'SIGUSR1' when a signal arrived (on any rank), 'train.stop_after_steps' at that step."""
+    received = stop.received if stop is not None else None
+    if dist_info.enabled:        # every rank must stop at the same step
+        flag = torch.tensor([1.0 if received else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not received:
+            received = "a signal on another rank"
+    if received:
+        return received
+    if cfg.train.stop_after_steps and step >= cfg.train.stop_after_steps:
+        return "train.stop_after_steps"
+    return None
+
+
+def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment, device, autocast_dtype,
+               shard=(0, 1), grad_clip: float = 0.0):
+    """Augment both views, forward, backward, optimiser step. Returns (loss value, stats).
+
+    A non-finite loss skips the update (the gradient scaler skips it with fp16) and is returned
+    as it is, for the caller to count. With `shard=(rank, world)` the views are this rank's rows
+    of the global batch: their augmentation parameters are rows [rank*n, (rank+1)*n) of those
+    drawn for the whole global batch, and the returned loss is the mean over ranks. `grad_clip` > 0
+    clips the global gradient norm (reported as stats['grad_norm'], before clipping).
+    """
+    rank, world = shard
     gen = augment_generator(seed, step)
     n = views[0].shape[0]
-    x = [augment.apply(v, augment.sample(n, gen)).contiguous(memory_format=torch.channels_last) for v in views]
+    x = []
+    for v in views:
+        params = augment.sample(n * world, gen)
+        if world > 1:
+            params = {k: t[rank * n:(rank + 1) * n] for k, t in params.items()}
+        x.append(augment.apply(v, params).contiguous(memory_format=torch.channels_last))
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with amp:
         loss, stats = model(x)
     optimizer.zero_grad(set_to_none=True)
+    value = loss.detach().float()
+    if world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= world
+    value = value.item()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if scaler is not None:
         scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
         scaler.step(optimizer)
         scaler.update()
-    else:
+    elif math.isfinite(value):
         loss.backward()
+        if grad_clip:
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
         optimizer.step()
-    return loss.item(), stats
+    elif world > 1:
+        # Skipped on every rank (the loss is averaged over ranks first), but DDP expects the backward
+        # that its forward prepared: run it, and drop the (non-finite) gradients without a step.
+        loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+    return value, stats
 
 
-def evaluate(cfg: Config, model: SimCLR, train_dir, val_dir, device) -> Dict[str, float]:
-    """kNN top-1 of the trained backbone and of the same architecture at its random initialisation."""
+def evaluate(cfg: Config, model: SimCLR, train_dir, val_dir, device, random_init: bool = True) -> Dict[str, float]:
+    """kNN top-1 of the trained backbone and (unless `random_init=False`) of the same architecture
+    at its random initialisation."""
     def loader(root):
         return build_loader(cfg.data, root, size=cfg.augment.size, batch_size=cfg.eval.batch_size,
                             device=device, train=False)
@@ -224,5 +431,8 @@ def evaluate(cfg: Config, model: SimCLR, train_dir, val_dir, device) -> Dict[str
 
     log.info("kNN evaluation (k=%d, t=%g) on %s", cfg.eval.knn_k, cfg.eval.knn_temperature, val_dir)
     trained = knn(model.backbone)
-    random_init = knn(build_model(cfg).backbone.to(device).to(memory_format=torch.channels_last))
-    return {"knn_top1": trained, "knn_top1_random_init": random_init}
+    if not random_init:
+        return {"knn_top1": trained}
+    with torch.random.fork_rng(devices=[]):      # build_model seeds the global RNG
+        baseline = knn(build_model(cfg).backbone.to(device).to(memory_format=torch.channels_last))
+    return {"knn_top1": trained, "knn_top1_random_init": baseline}

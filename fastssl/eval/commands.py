@@ -1,0 +1,91 @@
+"""`fastssl eval knn|linear` and `fastssl export`: evaluate or export a pre-training checkpoint.
+
+The model is rebuilt from the config saved in the checkpoint (or from `--config`), with
+`key=value` overrides on top (e.g. `data.val=...`, `eval.linear_epochs=...`).
+"""
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from fastssl.augment import normalize
+from fastssl.config import Config, load_config
+from fastssl.data import build_loader, resolve_paths
+from fastssl.eval.knn import extract_features, knn_accuracy
+from fastssl.eval.linear import linear_probe
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_for_eval(checkpoint, config: Optional[str] = None, overrides: Optional[List[str]] = None):
+    """(cfg, state): the checkpoint's saved config (or `config`), then `overrides`."""
+    from fastssl.config import parse_overrides
+    from fastssl.train.checkpoint import load_checkpoint
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint: no file at {path}")
+    state = load_checkpoint(path)
+    extra = parse_overrides(overrides or [])
+    if config is None:
+        if "config" not in state:
+            raise FileNotFoundError(f"{path} holds no config; pass --config")
+        cfg = load_config(None, {**_flatten(state["config"]), **extra})
+    else:
+        cfg = load_config(config, extra)
+    return cfg, state
+
+
+def trained_backbone(cfg: Config, state, device) -> torch.nn.Module:
+    from fastssl.train.trainer import build_model
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return model.backbone.to(device).to(memory_format=torch.channels_last).eval()
+
+
+def features(cfg: Config, backbone, device, l2_normalize: bool) -> Tuple[torch.Tensor, ...]:
+    """(train features, train labels, val features, val labels) of one centre view per image."""
+    train_dir, val_dir = resolve_paths(cfg.data, log=lambda *_: None)
+
+    def loader(root):
+        return build_loader(cfg.data, root, size=cfg.augment.size, batch_size=cfg.eval.batch_size,
+                            device=device, train=False)
+
+    def preprocess(images):
+        return normalize(images, cfg.augment.mean, cfg.augment.std).contiguous(memory_format=torch.channels_last)
+
+    train_f, train_y = extract_features(backbone, loader(train_dir), preprocess, normalize=l2_normalize)
+    val_f, val_y = extract_features(backbone, loader(val_dir), preprocess, normalize=l2_normalize)
+    return train_f, train_y, val_f, val_y
+
+
+def eval_knn(cfg: Config, state, device) -> Dict[str, float]:
+    train_f, train_y, val_f, val_y = features(cfg, trained_backbone(cfg, state, device), device, True)
+    return {"knn_top1": knn_accuracy(train_f, train_y, val_f, val_y, cfg.eval.knn_k, cfg.eval.knn_temperature)}
+
+
+def eval_linear(cfg: Config, state, device) -> Dict[str, float]:
+    train_f, train_y, val_f, val_y = features(cfg, trained_backbone(cfg, state, device), device, False)
+    e = cfg.eval
+    return linear_probe(train_f, train_y, val_f, val_y, epochs=e.linear_epochs, lr=e.linear_lr,
+                        batch_size=e.linear_batch_size, weight_decay=e.linear_weight_decay, seed=cfg.train.seed)
+
+
+def export_backbone(cfg: Config, state, out) -> Path:
+    """The backbone's state dict (no `fc`): it loads with strict=True into torchvision's ResNet of
+    the same name once its `fc` is `torch.nn.Identity()` (and, for `model.stem=small`, its conv1
+    is a 3x3 stride-1 conv without bias and its maxpool an Identity)."""
+    model_state = state["model"]
+    backbone = {k[len("backbone."):]: v.detach().clone().contiguous() for k, v in model_state.items()
+                if k.startswith("backbone.")}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(backbone, out)
+    return out
