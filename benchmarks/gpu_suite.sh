@@ -34,3 +34,26 @@ env -u TRITON_INTERPRET "$PY" -m pytest tests/test_augment.py tests/test_augment
 env -u TRITON_INTERPRET "$PY" benchmarks/augment.py --device cuda 2>&1 | tee benchmarks/results/logs/augment_gpu.log
 env -u TRITON_INTERPRET "$PY" benchmarks/augment.py --device cuda --recipe byol 2>&1 \
     | tee benchmarks/results/logs/augment_byol_gpu.log
+
+# ------------------------------------------------------- stage: trainer and end-to-end throughput
+# 1. correctness on the GPU: trainer, distributed, evaluation (fp16 scaler, SyncBN paths).
+env -u TRITON_INTERPRET "$PY" -m pytest tests/test_train.py tests/test_distributed_train.py tests/test_eval.py \
+    tests/test_optim.py -q -rs 2>&1 | tee benchmarks/results/logs/test_train_gpu.log
+# 2. LARS step: foreach vs the per-parameter loop on ResNet-50's parameters.
+"$PY" benchmarks/throughput.py --stage optim-compare --steps 30 --warmup 5 train.device=cuda
+# 3. every stage of the demo pipeline on the GPU.
+"$PY" benchmarks/throughput.py --steps 20 --warmup 3 train.device=cuda
+# 4. SimCLR ResNet-50, 224 px, bf16, 256 images per GPU, on real photos: the full pipeline
+#    (PIL loader, 16 workers) against the same step on a resident batch (pipeline efficiency),
+#    plus model FLOPs utilisation. shared/data/imagenet-sample (200 JPEGs) is cycled 8 times.
+SAMPLE=../shared/data/imagenet-sample
+if [ -d "$SAMPLE" ]; then
+    IMF=$(mktemp -d)/train/photos
+    mkdir -p "$IMF"
+    for copy in 1 2 3 4 5 6 7 8; do
+        for f in "$SAMPLE"/*; do ln -s "$(realpath "$f")" "$IMF/${copy}_$(basename "$f")"; done
+    done
+    "$PY" benchmarks/throughput.py --config configs/simclr_resnet50_imagenet.yaml --stage all --steps 10 --warmup 3 \
+        data.train="$(dirname "$IMF")" data.val="$(dirname "$IMF")" data.workers=16 train.batch_size=256 \
+        train.device=cuda train.precision=bf16
+fi

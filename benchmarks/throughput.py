@@ -28,19 +28,23 @@ from pathlib import Path
 
 import torch
 
-import loss as loss_benchmark   # benchmarks/loss.py, beside this file
+import augment as augment_benchmark   # benchmarks/augment.py and loss.py, beside this file
+import loss as loss_benchmark
 from fastssl.config import load_config, to_dict
 from fastssl.data import build_loader, resolve_paths
 from fastssl.losses import info_nce
 from fastssl.optim import build_optimizer, scaled_lr
-from fastssl.train.trainer import (augment_generator, build_augment, build_model, resolve_device,
-                                   resolve_precision, train_step)
+from fastssl.train.trainer import (augment_generator, build_augment, build_model, resolve_augment_backend,
+                                   resolve_device, resolve_precision, train_step)
 
-STAGES = ("data", "augment", "model", "loss", "optim", "train")
+STAGES = ("data", "augment", "model", "loss", "optim", "train", "train-premade")
 # `--stage loss-backends -- ARGS` runs the loss backends' sweep, benchmarks/loss.py ARGS.
-SWEEPS = ("loss-backends",)
+SWEEPS = ("loss-backends", "augment-backends")
 COMPARISONS = ("optim-compare",)
 RESULTS = Path(__file__).parent / "results"
+# Dense bf16 tensor-core peaks (datasheets), for model FLOPs utilisation.
+PEAK_BF16_TFLOPS = {"nvidia-h100-80gb-hbm3": 989.0, "nvidia-h200": 989.0, "nvidia-a100-sxm4-80gb": 312.0,
+                    "nvidia-a100-sxm4-40gb": 312.0}
 
 
 def git_sha() -> str:
@@ -81,6 +85,7 @@ def run(cfg, stages, steps: int, warmup: int):
     loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=n, seed=cfg.train.seed,
                           scale=cfg.augment.crop_scale, ratio=cfg.augment.crop_ratio, device=device)
     augment = build_augment(cfg)
+    augment_backend = resolve_augment_backend(cfg.augment.backend, device)
     model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim.lr, n, cfg.optim.lr_scaling))
     amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else None
@@ -102,7 +107,7 @@ def run(cfg, stages, steps: int, warmup: int):
 
     def stage_augment():
         for i, v in enumerate(views):
-            augment.apply(v, augment.sample(n, augment_generator(0, i)))
+            augment.apply(v, augment.sample(n, augment_generator(0, i)), backend=augment_backend, channels_last=True)
 
     def stage_model():
         with (amp() if amp else torch.autocast(device.type, enabled=False)):
@@ -119,21 +124,39 @@ def run(cfg, stages, steps: int, warmup: int):
     def stage_optim():
         optimizer.step()
 
-    def stage_train():
-        batch_views, _, _ = next(stream)
-        train_step(batch_views, next(step), cfg.train.seed, model=model, optimizer=optimizer, scaler=None,
-                   augment=augment, device=device, autocast_dtype=autocast_dtype)
+    def stage_train(batch_views=None):
+        """One real training step; fed by the loader, or (train-premade) by the same resident batch."""
+        train_step(batch_views or next(stream)[0], next(step), cfg.train.seed, model=model, optimizer=optimizer,
+                   scaler=None, augment=augment, augment_backend=augment_backend, device=device,
+                   autocast_dtype=autocast_dtype)
 
     fns = {"data": stage_data, "augment": stage_augment, "model": stage_model, "loss": stage_loss,
-           "optim": stage_optim, "train": stage_train}
+           "optim": stage_optim, "train": stage_train, "train-premade": lambda: stage_train(views)}
     results = {}
     for name in stages:
-        if name == "train":
+        if name.startswith("train"):
             model.zero_grad(set_to_none=True)
         results[name] = summarise(timed(fns[name], steps, warmup, device), n)
         print(f"  {name:8s} {results[name]['images_per_s']:10.1f} images/s  "
               f"(median {1e3 * results[name]['median_s']:.1f} ms/batch of {n})", file=sys.stderr)
+    if "train" in results and "train-premade" in results:
+        # The input pipeline's efficiency: the full step against the same step on a resident batch.
+        results["pipeline_efficiency"] = results["train"]["images_per_s"] / results["train-premade"]["images_per_s"]
+    if "train-premade" in results:
+        results["model_flops_per_image"] = model_flops_per_image(model, augmented, amp)
     return device, results
+
+
+def model_flops_per_image(model, augmented, amp) -> float:
+    """Forward + backward FLOPs of backbone and projector per image (both views), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with (amp() if amp else torch.autocast(augmented[0].device.type, enabled=False)):
+            z = model.projector(model.backbone(torch.cat(augmented)))
+        z.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / augmented[0].shape[0]
 
 
 def optim_compare(cfg, steps: int, warmup: int):
@@ -173,12 +196,14 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per stage")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per stage")
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/throughput_<device>.json)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak, for MFU (known GPUs have a default)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     argv = sys.argv[1:] if argv is None else list(argv)
     sweep_args = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    if args.stage == "loss-backends":
-        return loss_benchmark.main(sweep_args)
+    if args.stage in SWEEPS:
+        return {"loss-backends": loss_benchmark, "augment-backends": augment_benchmark}[args.stage].main(sweep_args)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     cfg = load_config(args.config, args.overrides)
@@ -200,9 +225,22 @@ def main(argv=None) -> int:
     print(f"\nthroughput on {loss_benchmark.device_slug(str(device))} (batch {cfg.train.batch_size}, {cfg.augment.size}px, "
           f"{cfg.model.backbone}, {cfg.train.precision})")
     print(f"{'stage':10s}{'images/s':>12s}{'ms/batch':>12s}{'p20 ms':>10s}{'p80 ms':>10s}")
-    for name, r in results.items():
-        print(f"{name:10s}{r['images_per_s']:12.1f}{1e3 * r['median_s']:12.1f}{1e3 * r['p20_s']:10.1f}{1e3 * r['p80_s']:10.1f}")
-
+    for name in stages:
+        r = results[name]
+        print(f"{name:14s}{r['images_per_s']:12.1f}{1e3 * r['median_s']:12.1f}{1e3 * r['p20_s']:10.1f}"
+              f"{1e3 * r['p80_s']:10.1f}")
+    if "pipeline_efficiency" in results:
+        print(f"pipeline efficiency (train / train-premade): {100 * results['pipeline_efficiency']:.1f}%")
+    if "model_flops_per_image" in results:
+        peak = args.peak_tflops or PEAK_BF16_TFLOPS.get(loss_benchmark.device_slug(str(device)))
+        for name in ("train", "train-premade"):
+            if name in results:
+                tflops = results["model_flops_per_image"] * results[name]["images_per_s"] / 1e12
+                results[name]["model_tflops"] = tflops
+                mfu = f", MFU {100 * tflops / peak:.1f}% of {peak:g}" if peak else " (no --peak-tflops: no MFU)"
+                if peak:
+                    results[name]["mfu"] = tflops / peak
+                print(f"{name}: {tflops:.3f} model TFLOP/s{mfu}")
     return _write_record(args, argv, cfg, device, results)
 
 

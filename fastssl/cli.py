@@ -79,7 +79,8 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, NotADirectoryError) as exc:
+    except (ConfigError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        # bad input (config, paths, data, settings): the message names it; no traceback needed
         print(f"fastssl: error: {exc}", file=sys.stderr)
         return 2
 

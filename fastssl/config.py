@@ -68,6 +68,8 @@ class AugmentConfig:
     """Per-channel mean subtracted last (ImageNet's by default)."""
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     """Per-channel standard deviation divided by last."""
+    backend: str = "auto"
+    """`kornia` (the reference), `fused` (Triton kernels, CUDA) or `auto` (fused on CUDA, kornia elsewhere)."""
 
 
 @dataclass
@@ -336,6 +338,7 @@ def load_config(path: Union[str, Path, None] = None, overrides: Union[List[str],
 # where they live, with the same kind of message.
 CHOICES = {
     "data.loader": ("pil",),
+    "augment.backend": ("auto", "kornia", "fused"),
     "model.stem": ("imagenet", "small"),
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.impl": ("foreach", "reference", "apex"),

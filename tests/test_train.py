@@ -418,3 +418,28 @@ def test_sigusr1_stops_at_the_next_step_boundary(tiny_config, monkeypatch):
     state = load_checkpoint(Path(cfg.run.dir) / "checkpoints" / "last.pt")
     assert (state["epoch"], state["batch"], state["step"]) == (0, 2, 2)
     assert "SIGUSR1: wrote" in (Path(cfg.run.dir) / "train.log").read_text()
+
+
+def test_fused_augmentation_gives_the_reference_loss_curve(tiny_config):
+    """Golden parity: the same two steps with augment.backend=fused (Triton, interpreted on CPU) and
+    kornia give the same losses within fp32 rounding of the views (both draw the same parameters)."""
+    from fastssl.optim import build_optimizer
+    from fastssl.train.trainer import build_augment, build_model, train_step
+    cfg = tiny_config()
+    views = [torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+             for i in range(2)]
+    curves = {}
+    for backend in ("kornia", "fused"):
+        model = build_model(cfg)
+        optimizer = build_optimizer(model, cfg.optim, 0.5)
+        curves[backend] = [train_step(views, step, 0, model=model, optimizer=optimizer, scaler=None,
+                                      augment=build_augment(cfg), augment_backend=backend,
+                                      device=torch.device("cpu"), autocast_dtype=None)[0] for step in range(2)]
+    assert curves["fused"] == pytest.approx(curves["kornia"], rel=1e-4)
+    assert curves["kornia"][0] != curves["kornia"][1]
+
+
+def test_augment_backend_auto_is_kornia_on_cpu():
+    from fastssl.train.trainer import resolve_augment_backend
+    assert resolve_augment_backend("auto", torch.device("cpu")) == "kornia"
+    assert resolve_augment_backend("fused", torch.device("cpu")) == "fused"

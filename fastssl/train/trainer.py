@@ -81,7 +81,18 @@ def build_model(cfg: Config) -> SimCLR:
 
 def build_augment(cfg: Config) -> SimCLRAugment:
     """The recipe from `augment.*`; the loader already cut the random crops, so crop=False here."""
-    return SimCLRAugment(**to_dict(cfg)["augment"], crop=False)
+    settings = to_dict(cfg)["augment"]
+    settings.pop("backend")
+    return SimCLRAugment(**settings, crop=False)
+
+
+def resolve_augment_backend(name: str, device: torch.device) -> str:
+    """`auto`: the fused Triton kernels on CUDA, the Kornia reference elsewhere (logged)."""
+    if name != "auto":
+        return name
+    chosen = "fused" if device.type == "cuda" else "kornia"
+    log.info("augment.backend=auto: using %s on %s", chosen, device.type)
+    return chosen
 
 
 def setup_logging(run_dir: Path) -> None:
@@ -244,7 +255,8 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
             return save_checkpoint(state, run_dir, epoch_done, keep=cfg.run.keep_checkpoints)
         return save_last(state, run_dir)
 
-    context = dict(model=model, optimizer=optimizer, scaler=scaler, augment=augment, device=device,
+    context = dict(model=model, optimizer=optimizer, scaler=scaler, augment=augment,
+                   augment_backend=resolve_augment_backend(cfg.augment.backend, device), device=device,
                    autocast_dtype=autocast_dtype, metrics=metrics, dist_info=dist_info, stop=stop,
                    checkpoint=checkpoint if main else None, counters={"nonfinite_run": 0}, **schedule)
     end_epoch = min(cfg.train.epochs, cfg.train.stop_after_epochs or cfg.train.epochs)
@@ -286,7 +298,7 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
 
 
 def train_epoch(cfg: Config, loader, epoch: int, step: int, start_batch: int = 0, *, model, optimizer, scaler,
-                augment, device, autocast_dtype, metrics, peak_lr, warmup_steps, total_steps,
+                augment, augment_backend, device, autocast_dtype, metrics, peak_lr, warmup_steps, total_steps,
                 dist_info: DistInfo = DistInfo(), stop: StopSignal = None, checkpoint=None, counters=None):
     """The batches of one epoch from `start_batch` on; returns (global step, batches of the epoch
     done, the name of the reason to stop early or None). `counters['nonfinite_run']` carries the
@@ -305,8 +317,8 @@ def train_epoch(cfg: Config, loader, epoch: int, step: int, start_batch: int = 0
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, stats = train_step(views, step, cfg.train.seed, model=model, optimizer=optimizer, scaler=scaler,
-                                 augment=augment, device=device, autocast_dtype=autocast_dtype,
-                                 shard=(dist_info.rank, dist_info.world_size), grad_clip=cfg.train.grad_clip)
+                                 augment=augment, augment_backend=augment_backend, device=device,
+                                 autocast_dtype=autocast_dtype, shard=(dist_info.rank, dist_info.world_size), grad_clip=cfg.train.grad_clip)
         if device.type == "cuda":
             stats["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if not math.isfinite(loss):
@@ -363,7 +375,7 @@ def stop_reason(cfg: Config, step: int, stop: StopSignal, dist_info: DistInfo):
 
 
 def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment, device, autocast_dtype,
-               shard=(0, 1), grad_clip: float = 0.0):
+               augment_backend: str = "kornia", shard=(0, 1), grad_clip: float = 0.0):
     """Augment both views, forward, backward, optimiser step. Returns (loss value, stats).
 
     A non-finite loss skips the update (the gradient scaler skips it with fp16) and is returned
@@ -380,7 +392,7 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
         params = augment.sample(n * world, gen)
         if world > 1:
             params = {k: t[rank * n:(rank + 1) * n] for k, t in params.items()}
-        x.append(augment.apply(v, params).contiguous(memory_format=torch.channels_last))
+        x.append(augment.apply(v, params, backend=augment_backend, channels_last=True))
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with amp:
         loss, stats = model(x)
