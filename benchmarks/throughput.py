@@ -97,8 +97,8 @@ def run(cfg, stages, steps: int, warmup: int):
 
     stream = batches()
     views, _, _ = next(stream)
-    augmented = [augment.apply(v, augment.sample(n, augment_generator(0, i))).contiguous(
-        memory_format=torch.channels_last) for i, v in enumerate(views)]
+    augmented = [aug.apply(v, aug.sample(n, augment_generator(0, i)), channels_last=True)
+                 for i, (aug, v) in enumerate(zip(augment.views, views))]
     projections = [torch.randn(n, cfg.model.proj_dim, device=device, requires_grad=True) for _ in range(2)]
     step = iter(range(10**9))
 
@@ -106,8 +106,8 @@ def run(cfg, stages, steps: int, warmup: int):
         next(stream)
 
     def stage_augment():
-        for i, v in enumerate(views):
-            augment.apply(v, augment.sample(n, augment_generator(0, i)), backend=augment_backend, channels_last=True)
+        for i, (aug, v) in enumerate(zip(augment.views, views)):
+            aug.apply(v, aug.sample(n, augment_generator(0, i)), backend=augment_backend, channels_last=True)
 
     def stage_model():
         with (amp() if amp else torch.autocast(device.type, enabled=False)):

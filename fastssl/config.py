@@ -70,6 +70,10 @@ class AugmentConfig:
     """Per-channel standard deviation divided by last."""
     backend: str = "auto"
     """`kornia` (the reference), `fused` (Triton kernels, CUDA) or `auto` (fused on CUDA, kornia elsewhere)."""
+    views: List[Dict[str, Any]] = field(default_factory=list)
+    """Per-view overrides of this section, one mapping per view, e.g. BYOL's asymmetric recipe
+    `[{blur_p: 1.0, solarize_p: 0.0}, {blur_p: 0.1, solarize_p: 0.2}]`; empty: two views with this
+    section's settings. The loader cuts the crops, so size/crop_scale/crop_ratio are shared."""
 
 
 @dataclass
@@ -264,6 +268,13 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
                 pass
         names = " or ".join(_type_name(t) for t in typing.get_args(kind))
         raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
+    if kind is Any:
+        return value
+    if origin in (dict, Dict):
+        key_kind, value_kind = typing.get_args(kind)
+        if not isinstance(value, dict) or not all(isinstance(k, key_kind) for k in value):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(key_kind)} keys, got {value!r}")
+        return {k: _coerce(f"{key}.{k}", v, value_kind) for k, v in value.items()}
     if origin in (list, List):
         (item,) = typing.get_args(kind)
         if not isinstance(value, (list, tuple)):

@@ -443,3 +443,25 @@ def test_augment_backend_auto_is_kornia_on_cpu():
     from fastssl.train.trainer import resolve_augment_backend
     assert resolve_augment_backend("auto", torch.device("cpu")) == "kornia"
     assert resolve_augment_backend("fused", torch.device("cpu")) == "fused"
+
+
+def test_per_view_recipe_from_yaml(tiny_config, tmp_path):
+    """BYOL's asymmetric views in YAML: each view gets its own blur/solarise; training runs on them."""
+    from fastssl.config import ConfigError, load_config
+    from fastssl.train.trainer import build_augment
+    path = tmp_path / "byol_views.yaml"
+    path.write_text("augment:\n  views:\n    - {blur_p: 1.0, solarize_p: 0.0}\n    - {blur_p: 0.1, solarize_p: 0.2}\n")
+    views = build_augment(load_config(path)).views
+    assert [(v.blur_p, v.solarize_p) for v in views] == [(1.0, 0.0), (0.1, 0.2)]
+    assert all(v.jitter_strength == 1.0 and not v.crop for v in views)     # the rest from the section
+    cfg = tiny_config(**{"augment.views": [{"blur_p": 1.0}, {"blur_p": 0.1, "solarize_p": 0.2}],
+                         "train.epochs": 1})
+    assert train(cfg)["knn_top1"] >= 0
+    for views, message in [([{"blurp": 1.0}, {}], r"augment.views\[0\].blurp: unknown setting"),
+                           ([{"blur_p": 2.0}, {}], r"augment.views\[0\].blur_p: a probability"),
+                           ([{"size": 8}, {}], r"augment.views\[0\].size: the loader cuts"),
+                           ([{}, {}, {}], "SimCLR takes 2 views, got 3")]:
+        with pytest.raises(ConfigError, match=message):
+            build_augment(tiny_config(**{"augment.views": views}))
+    with pytest.raises(ConfigError, match=r"augment.views\[0\]: expected a mapping"):
+        tiny_config(**{"augment.views": [1.0]})

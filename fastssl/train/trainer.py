@@ -25,8 +25,8 @@ from typing import Dict
 
 import torch
 
-from fastssl.augment import SimCLRAugment, normalize
-from fastssl.config import Config, save_config, to_dict
+from fastssl.augment import AugmentConfigError, MultiViewAugment, normalize
+from fastssl.config import Config, ConfigError, save_config, to_dict
 from fastssl.data import build_loader, resolve_paths
 from fastssl.eval import extract_features, knn_accuracy
 from fastssl.losses import BACKENDS
@@ -79,11 +79,27 @@ def build_model(cfg: Config) -> SimCLR:
                   cfg.loss.temperature, cfg.loss.backend)
 
 
-def build_augment(cfg: Config) -> SimCLRAugment:
-    """The recipe from `augment.*`; the loader already cut the random crops, so crop=False here."""
+def build_augment(cfg: Config) -> MultiViewAugment:
+    """One augmentation per view from `augment.*` (and its per-view `augment.views` overrides).
+
+    The loader already cut the random crops (crop=False here), with the section's size and crop
+    ranges for every view, so a view may not override those (multi-crop needs a loader that cuts
+    each view its own crop).
+    """
     settings = to_dict(cfg)["augment"]
     settings.pop("backend")
-    return SimCLRAugment(**settings, crop=False)
+    views = settings.pop("views") or [{}, {}]
+    if len(views) != 2:
+        raise ConfigError(f"augment.views: SimCLR takes 2 views, got {len(views)}")
+    for i, view in enumerate(views):
+        for key in ("size", "crop_scale", "crop_ratio", "crop"):
+            if key in view:
+                raise ConfigError(f"augment.views[{i}].{key}: the loader cuts every view's crop with "
+                                  f"augment.{key}; per-view crop geometry (multi-crop) is not supported by this loader")
+    try:
+        return MultiViewAugment([{**settings, "crop": False, **view} for view in views])
+    except AugmentConfigError as exc:
+        raise ConfigError(f"augment.{exc}") from None
 
 
 def resolve_augment_backend(name: str, device: torch.device) -> str:
@@ -388,11 +404,11 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
     gen = augment_generator(seed, step)
     n = views[0].shape[0]
     x = []
-    for v in views:
-        params = augment.sample(n * world, gen)
+    for view_augment, v in zip(augment.views, views):
+        params = view_augment.sample(n * world, gen)
         if world > 1:
             params = {k: t[rank * n:(rank + 1) * n] for k, t in params.items()}
-        x.append(augment.apply(v, params, backend=augment_backend, channels_last=True))
+        x.append(view_augment.apply(v, params, backend=augment_backend, channels_last=True))
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with amp:
         loss, stats = model(x)
