@@ -19,6 +19,15 @@ torch.set_num_threads(2)
 TINY_DATA = dict(embedded_train_per_class=16, embedded_val_per_class=6, embedded_image_size=16)
 
 
+@pytest.fixture
+def one_cpu_thread():
+    """Tiny tensors: extra intra-op threads only add spin-wait contention on a busy 2-core CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """Cache folder holding the tiny embedded dataset (generated once per session)."""

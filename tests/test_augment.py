@@ -6,6 +6,8 @@ import torchvision.transforms.v2.functional as TF
 from fastssl.augment import AugmentConfigError, MultiViewAugment, SimCLRAugment, color_jitter
 from fastssl.data.crops import crop_boxes
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
 IDENTITY = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0,
                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -147,13 +149,6 @@ def test_bad_images():
 
 
 # ----------------------------------------------------------- sampling distributions, multi-view
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_crop_area_and_aspect_ranges():
     import math

@@ -32,12 +32,7 @@ IDENTITY = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_
 INPUTS = [("uint8", 13, 17, 9), ("float32", 21, 16, 12)]   # dtype, H, W, output size
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def images(dtype="uint8", n=4, h=13, w=17, seed=0):

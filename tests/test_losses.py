@@ -26,13 +26,7 @@ from fastssl.losses import contrastive
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """These tensors are tiny: intra-op threads only add spin-wait contention on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 FLOOR = 1e-5            # ~80 fp32 ulps: summation-order differences between exact algorithms
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TEMPS = [0.03, 0.1, 0.5, 1.0]
