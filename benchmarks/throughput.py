@@ -118,9 +118,6 @@ def run(cfg, stages, steps: int, warmup: int):
     def stage_loss():
         info_nce(projections[0], projections[1], cfg.loss.temperature, backend=cfg.loss.backend).backward()
 
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-
     def stage_optim():
         optimizer.step()
 
@@ -136,6 +133,9 @@ def run(cfg, stages, steps: int, warmup: int):
     for name in stages:
         if name.startswith("train"):
             model.zero_grad(set_to_none=True)
+        if name == "optim":      # the step needs gradients (the model stage leaves none)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) * 1e-3
         results[name] = summarise(timed(fns[name], steps, warmup, device), n)
         print(f"  {name:8s} {results[name]['images_per_s']:10.1f} images/s  "
               f"(median {1e3 * results[name]['median_s']:.1f} ms/batch of {n})", file=sys.stderr)
