@@ -78,6 +78,15 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def gather_objects(obj, info: DistInfo) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a collective: every rank must call it)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks, with gradient: every rank's output is the sum, so the gradient of the total
     objective (the sum of the ranks' losses) with respect to each input is the sum of the output gradients."""

@@ -33,8 +33,8 @@ from fastssl.losses import BACKENDS
 from fastssl.methods import SimCLR
 from fastssl.optim import build_optimizer, lr_at, scaled_lr
 from fastssl.train.checkpoint import find_and_load, rng_state, save_checkpoint, save_last, set_rng_state
-from fastssl.train.distributed import (DistInfo, barrier, cleanup, convert_sync_batchnorm, init_distributed,
-                                       local_device)
+from fastssl.train.distributed import (DistInfo, barrier, cleanup, convert_sync_batchnorm, gather_objects,
+                                       init_distributed, local_device)
 from fastssl.train.progress import Progress
 
 log = logging.getLogger("fastssl")
@@ -246,7 +246,10 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        set_rng_state(state.get("rng"))
+        rng = state.get("rng")
+        if isinstance(rng, list):       # one state per rank; a different world size restarts from rank 0's
+            rng = rng[dist_info.rank] if len(rng) == world else rng[0]
+        set_rng_state(rng)
         start_epoch, start_batch, step = state["epoch"], state.get("batch", 0), state["step"]
         log.info("resumed from %s at epoch %d, batch %d, step %d", path, start_epoch + 1, start_batch, step)
     if dist_info.enabled:
@@ -262,11 +265,15 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
                       batch_size=cfg.train.batch_size, steps_per_epoch=steps_per_epoch, **schedule)
 
     def checkpoint(epoch_done: int, batch: int, step: int) -> Path:
-        """Rank 0 writes the state at global `step`, after `batch` batches of epoch index `epoch_done`
-        (batch 0: the end of epoch `epoch_done`, numbered epoch_NNNN.pt)."""
+        """The state at global `step`, after `batch` batches of epoch index `epoch_done` (batch 0: the
+        end of epoch `epoch_done`, numbered epoch_NNNN.pt). Every rank calls it, since the RNG
+        states of every rank are gathered into the checkpoint; rank 0 alone writes it."""
+        rng = gather_objects(rng_state(), dist_info)
+        if not main:
+            return None
         state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict() if scaler else None, "epoch": epoch_done, "batch": batch,
-                 "step": step, "rng": rng_state(), "config": to_dict(cfg)}
+                 "step": step, "rng": rng, "config": to_dict(cfg)}
         if batch == 0:
             return save_checkpoint(state, run_dir, epoch_done, keep=cfg.run.keep_checkpoints)
         return save_last(state, run_dir)
@@ -274,7 +281,7 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
     context = dict(model=model, optimizer=optimizer, scaler=scaler, augment=augment,
                    augment_backend=resolve_augment_backend(cfg.augment.backend, device), device=device,
                    autocast_dtype=autocast_dtype, metrics=metrics, dist_info=dist_info, stop=stop,
-                   checkpoint=checkpoint if main else None, counters={"nonfinite_run": 0}, **schedule)
+                   checkpoint=checkpoint, counters={"nonfinite_run": 0}, **schedule)
     end_epoch = min(cfg.train.epochs, cfg.train.stop_after_epochs or cfg.train.epochs)
     stopped = None
     for epoch in range(start_epoch, end_epoch):
@@ -282,14 +289,14 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
         step, batch, stopped = train_epoch(cfg, loader, epoch, step, start_batch, **context)
         start_batch = 0
         if stopped and batch < steps_per_epoch:
-            saved = checkpoint(epoch, batch, step) if main else None
+            saved = checkpoint(epoch, batch, step)
             barrier(dist_info)
             log.info("%s: wrote %s at epoch %d, batch %d/%d, step %d; continue with the same command plus "
                      "train.resume=true (run.dir=%s)", stopped, saved, epoch + 1, batch, steps_per_epoch, step,
                      run_dir)
             return {}
+        checkpoint(epoch + 1, 0, step)
         if main:
-            checkpoint(epoch + 1, 0, step)
             every = cfg.eval.knn_every_epochs
             if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
                 monitor = evaluate(cfg, unwrap(model), train_dir, val_dir, device, random_init=False)
