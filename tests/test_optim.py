@@ -19,16 +19,13 @@ def lars_formula(p, g, mu, lr, m, wd, eta, exclude):
     return p - lr * mu, mu
 
 
-def test_lars_two_steps_match_the_formula():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
-    groups = param_groups(model, weight_decay=0.01, exclude_bias_and_norm=True)
-    opt = LARS(groups, lr=0.7, momentum=0.9, weight_decay=0.01, trust_coefficient=0.02)
+def follow_formula(model, opt, make_input, steps):
+    """Step `opt` on a squared-output loss and check every parameter against lars_formula (lr 0.7,
+    momentum 0.9, weight decay 0.01, trust coefficient 0.02, 1-d parameters excluded)."""
     params = list(model.parameters())
     expected = {id(p): (p.detach().clone(), torch.zeros_like(p, dtype=torch.float64)) for p in params}
-    for _ in range(2):
-        x = torch.randn(8, 5)
-        model(x).pow(2).sum().backward()
+    for _ in range(steps):
+        model(make_input()).pow(2).sum().backward()
         for p in params:
             old, mu = expected[id(p)]
             expected[id(p)] = lars_formula(old, p.grad, mu, 0.7, 0.9, 0.01, 0.02, exclude=p.ndim <= 1)
@@ -36,6 +33,14 @@ def test_lars_two_steps_match_the_formula():
         opt.zero_grad()
         for p in params:
             torch.testing.assert_close(p.detach().double(), expected[id(p)][0], atol=1e-6, rtol=1e-6)
+
+
+def test_lars_two_steps_match_the_formula():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+    groups = param_groups(model, weight_decay=0.01, exclude_bias_and_norm=True)
+    opt = LARS(groups, lr=0.7, momentum=0.9, weight_decay=0.01, trust_coefficient=0.02)
+    follow_formula(model, opt, lambda: torch.randn(8, 5), steps=2)
 
 
 def test_exclusion_groups():
@@ -119,19 +124,9 @@ def test_foreach_lars_matches_the_reference_loop(exclude):
 def test_foreach_lars_matches_the_formula_and_honours_exclusions():
     torch.manual_seed(0)
     model = _lars_model()
-    params = list(model.parameters())
     opt = LARS(param_groups(model, 0.01, True), lr=0.7, momentum=0.9, weight_decay=0.01,
                trust_coefficient=0.02, foreach=True)
-    expected = {id(p): (p.detach().clone(), torch.zeros_like(p, dtype=torch.float64)) for p in params}
-    for _ in range(3):
-        model(torch.randn(8, 3, 6, 6)).pow(2).sum().backward()
-        for p in params:
-            old, mu = expected[id(p)]
-            expected[id(p)] = lars_formula(old, p.grad, mu, 0.7, 0.9, 0.01, 0.02, exclude=p.ndim <= 1)
-        opt.step()
-        opt.zero_grad()
-        for p in params:
-            torch.testing.assert_close(p.detach().double(), expected[id(p)][0], atol=1e-6, rtol=1e-6)
+    follow_formula(model, opt, lambda: torch.randn(8, 3, 6, 6), steps=3)
     # An excluded (1-d) parameter took plain SGD-with-momentum steps: its buffer is the sum of raw gradients'
     # momentum, not scaled by a trust ratio; with exclusion off the same parameter moves differently.
     excluded_off, _ = _run_lars(True, exclude=False, steps=3)
