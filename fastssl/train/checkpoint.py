@@ -37,12 +37,20 @@ def save_atomic(state: Dict[str, Any], path) -> None:
 
 
 def save_checkpoint(state: Dict[str, Any], run_dir, epoch: int, keep: int = 2) -> Path:
-    """Write last.pt and epoch_NNNN.pt; delete epoch files beyond the newest `keep`."""
+    """Write epoch_NNNN.pt, point last.pt at it, and delete epoch files beyond the newest `keep`."""
     folder = Path(run_dir) / "checkpoints"
     numbered = folder / f"epoch_{epoch:04d}.pt"
     save_atomic(state, numbered)
-    save_atomic(state, folder / "last.pt")
-    for old in sorted(folder.glob("epoch_*.pt"))[:-keep] if keep > 0 else sorted(folder.glob("epoch_*.pt")):
+    # last.pt is the same bytes: a hard link renamed into place (atomic, no second write of a
+    # checkpoint that can be hundreds of MB); filesystems without hard links get a second copy.
+    link = folder / f".last.pt.{os.getpid()}.link"
+    try:
+        os.link(numbered, link)
+        os.replace(link, folder / "last.pt")
+    except OSError:
+        save_atomic(state, folder / "last.pt")
+    epochs = sorted(folder.glob("epoch_*.pt"))
+    for old in epochs[:max(0, len(epochs) - keep)]:
         old.unlink()
     return numbered
 
@@ -51,14 +59,6 @@ def save_last(state: Dict[str, Any], run_dir) -> Path:
     """Write last.pt only (a position within an epoch)."""
     path = Path(run_dir) / "checkpoints" / "last.pt"
     save_atomic(state, path)
-    return path
-
-
-def resolve_resume(resume, run_dir) -> Path:
-    """`true` -> run_dir/checkpoints/last.pt; a string -> that path. Clear error when missing."""
-    path = Path(run_dir) / "checkpoints" / "last.pt" if resume is True else Path(str(resume))
-    if not path.is_file():
-        raise FileNotFoundError(f"train.resume: no checkpoint at {path}")
     return path
 
 
@@ -84,7 +84,9 @@ def find_and_load(resume, run_dir, map_location="cpu"):
     if resume is False or resume is None or resume == "":
         return None, None
     if resume is not True and str(resume) != "auto":
-        path = resolve_resume(resume, run_dir)
+        path = Path(str(resume))
+        if not path.is_file():
+            raise FileNotFoundError(f"train.resume: no checkpoint at {path}")
         return path, load_checkpoint(path, map_location)
     folder = Path(run_dir) / "checkpoints"
     last = folder / "last.pt"
