@@ -231,14 +231,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             if not value:
                 raise ConfigError(f"{name}: empty section")
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, name + "."))
         else:
             flat[name] = value
     return flat
@@ -329,7 +329,7 @@ def load_config(path: Union[str, Path, None] = None, overrides: Union[List[str],
                 raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        values.update(_flatten(tree))
+        values.update(flatten(tree))
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     values.update(overrides or {})
@@ -426,6 +426,6 @@ def field_docs(cls=Config, prefix: str = "") -> Dict[str, str]:
 
 def describe() -> str:
     """Every key with its default and its docstring, for `--help-config`."""
-    defaults = _flatten(to_dict(Config()))
+    defaults = flatten(to_dict(Config()))
     docs = field_docs()
     return "\n".join(f"{key} = {defaults[key]!r}\n    {docs.get(key, '')}" for key in defaults)

@@ -9,20 +9,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from fastssl.augment import normalize
-from fastssl.config import Config, load_config
+from fastssl.config import Config, flatten, load_config
 from fastssl.data import build_loader, resolve_paths
 from fastssl.eval.knn import extract_features, knn_accuracy
 from fastssl.eval.linear import linear_probe
-
-
-def _flatten(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def load_for_eval(checkpoint, config: Optional[str] = None, overrides: Optional[List[str]] = None):
@@ -37,7 +27,7 @@ def load_for_eval(checkpoint, config: Optional[str] = None, overrides: Optional[
     if config is None:
         if "config" not in state:
             raise FileNotFoundError(f"{path} holds no config; pass --config")
-        cfg = load_config(None, {**_flatten(state["config"]), **extra})
+        cfg = load_config(None, {**flatten(state["config"]), **extra})
     else:
         cfg = load_config(config, extra)
     return cfg, state
@@ -50,29 +40,36 @@ def trained_backbone(cfg: Config, state, device) -> torch.nn.Module:
     return model.backbone.to(device).to(memory_format=torch.channels_last).eval()
 
 
-def features(cfg: Config, backbone, device, l2_normalize: bool) -> Tuple[torch.Tensor, ...]:
-    """(train features, train labels, val features, val labels) of one centre view per image."""
+def eval_loaders(cfg: Config, device):
+    """Centre-view loaders over the train and val ImageFolders (the embedded dataset when unset)."""
     train_dir, val_dir = resolve_paths(cfg.data, log=lambda *_: None)
+    return tuple(build_loader(cfg.data, root, size=cfg.augment.size, batch_size=cfg.eval.batch_size,
+                              device=device, train=False) for root in (train_dir, val_dir))
 
-    def loader(root):
-        return build_loader(cfg.data, root, size=cfg.augment.size, batch_size=cfg.eval.batch_size,
-                            device=device, train=False)
 
+def features(cfg: Config, backbone, loaders, l2_normalize: bool) -> Tuple[torch.Tensor, ...]:
+    """(train features, train labels, val features, val labels) of one centre view per image."""
     def preprocess(images):
         return normalize(images, cfg.augment.mean, cfg.augment.std).contiguous(memory_format=torch.channels_last)
 
-    train_f, train_y = extract_features(backbone, loader(train_dir), preprocess, normalize=l2_normalize)
-    val_f, val_y = extract_features(backbone, loader(val_dir), preprocess, normalize=l2_normalize)
+    train_f, train_y = extract_features(backbone, loaders[0], preprocess, normalize=l2_normalize)
+    val_f, val_y = extract_features(backbone, loaders[1], preprocess, normalize=l2_normalize)
     return train_f, train_y, val_f, val_y
 
 
+def knn_top1(cfg: Config, backbone, loaders) -> float:
+    """Weighted kNN top-1 (eval.knn_k, eval.knn_temperature) of a backbone's features."""
+    train_f, train_y, val_f, val_y = features(cfg, backbone, loaders, True)
+    return knn_accuracy(train_f, train_y, val_f, val_y, cfg.eval.knn_k, cfg.eval.knn_temperature)
+
+
 def eval_knn(cfg: Config, state, device) -> Dict[str, float]:
-    train_f, train_y, val_f, val_y = features(cfg, trained_backbone(cfg, state, device), device, True)
-    return {"knn_top1": knn_accuracy(train_f, train_y, val_f, val_y, cfg.eval.knn_k, cfg.eval.knn_temperature)}
+    return {"knn_top1": knn_top1(cfg, trained_backbone(cfg, state, device), eval_loaders(cfg, device))}
 
 
 def eval_linear(cfg: Config, state, device) -> Dict[str, float]:
-    train_f, train_y, val_f, val_y = features(cfg, trained_backbone(cfg, state, device), device, False)
+    train_f, train_y, val_f, val_y = features(cfg, trained_backbone(cfg, state, device), eval_loaders(cfg, device),
+                                              False)
     e = cfg.eval
     return linear_probe(train_f, train_y, val_f, val_y, epochs=e.linear_epochs, lr=e.linear_lr,
                         batch_size=e.linear_batch_size, weight_decay=e.linear_weight_decay, seed=cfg.train.seed)

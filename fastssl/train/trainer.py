@@ -25,10 +25,10 @@ from typing import Dict
 
 import torch
 
-from fastssl.augment import AugmentConfigError, MultiViewAugment, normalize
+from fastssl.augment import AugmentConfigError, MultiViewAugment
 from fastssl.config import Config, ConfigError, save_config, to_dict
 from fastssl.data import build_loader, resolve_paths
-from fastssl.eval import extract_features, knn_accuracy
+from fastssl.eval.commands import eval_loaders, knn_top1
 from fastssl.losses import BACKENDS
 from fastssl.methods import SimCLR
 from fastssl.optim import build_optimizer, lr_at, scaled_lr
@@ -299,7 +299,7 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
         if main:
             every = cfg.eval.knn_every_epochs
             if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
-                monitor = evaluate(cfg, unwrap(model), train_dir, val_dir, device, random_init=False)
+                monitor = evaluate(cfg, unwrap(model), val_dir, device, random_init=False)
                 metrics.write(event="knn", epoch=epoch + 1, step=step, **monitor)
                 log.info("epoch %d: kNN top-1 %.1f%%", epoch + 1, monitor["knn_top1"])
         if stopped:
@@ -314,7 +314,7 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
         return {}
     results = {}
     if main:
-        results = evaluate(cfg, unwrap(model), train_dir, val_dir, device)
+        results = evaluate(cfg, unwrap(model), val_dir, device)
         metrics.write(event="eval", epoch=cfg.train.epochs, step=step, **results)
     barrier(dist_info)
     return results
@@ -447,27 +447,14 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
     return value, stats
 
 
-def evaluate(cfg: Config, model: SimCLR, train_dir, val_dir, device, random_init: bool = True) -> Dict[str, float]:
+def evaluate(cfg: Config, model: SimCLR, val_dir, device, random_init: bool = True) -> Dict[str, float]:
     """kNN top-1 of the trained backbone and (unless `random_init=False`) of the same architecture
     at its random initialisation."""
-    def loader(root):
-        return build_loader(cfg.data, root, size=cfg.augment.size, batch_size=cfg.eval.batch_size,
-                            device=device, train=False)
-
-    train_loader, val_loader = loader(train_dir), loader(val_dir)
-
-    def preprocess(images):
-        return normalize(images, cfg.augment.mean, cfg.augment.std).contiguous(memory_format=torch.channels_last)
-
-    def knn(backbone):
-        train_f, train_y = extract_features(backbone, train_loader, preprocess)
-        val_f, val_y = extract_features(backbone, val_loader, preprocess)
-        return knn_accuracy(train_f, train_y, val_f, val_y, cfg.eval.knn_k, cfg.eval.knn_temperature)
-
+    loaders = eval_loaders(cfg, device)
     log.info("kNN evaluation (k=%d, t=%g) on %s", cfg.eval.knn_k, cfg.eval.knn_temperature, val_dir)
-    trained = knn(model.backbone)
+    trained = knn_top1(cfg, model.backbone, loaders)
     if not random_init:
         return {"knn_top1": trained}
     with torch.random.fork_rng(devices=[]):      # build_model seeds the global RNG
-        baseline = knn(build_model(cfg).backbone.to(device).to(memory_format=torch.channels_last))
+        baseline = knn_top1(cfg, build_model(cfg).backbone.to(device).to(memory_format=torch.channels_last), loaders)
     return {"knn_top1": trained, "knn_top1_random_init": baseline}
