@@ -1,12 +1,12 @@
-"""Throughput of each stage of the configured SimCLR pipeline, and of training end to end.
+"""Throughput of each stage of the configured pipeline, and of training end to end.
 
     python benchmarks/throughput.py [--config configs/demo.yaml] [--stage all] [key=value ...]
 
-Stages (images/s, one image = its two views):
-  data      the loader alone: decode + two random crops, batches on the device
-  augment   the GPU-style augmentation of both views of one pre-loaded batch
-  model     backbone + projector forward and backward on pre-augmented views
-  loss      the contrastive loss forward and backward on random projections
+Stages (images/s, one image = all its views; `method.name=X` times another method):
+  data      the loader alone: decode + the method's random crops, batches on the device
+  augment   the GPU-style augmentation of every view of one pre-loaded batch
+  model     SimCLR only: backbone + projector forward and backward on pre-augmented views
+  loss      SimCLR only: the NT-Xent forward and backward on random projections
   optim     one optimiser step over the model's parameters
   train     the real training step fed by the loader (end to end)
 `--stage optim-compare` times one LARS step over ResNet-50's parameters (backbone + the
@@ -33,11 +33,13 @@ import loss as loss_benchmark
 from fastssl.config import load_config, to_dict
 from fastssl.data import build_loader, resolve_paths
 from fastssl.losses import info_nce
+from fastssl.methods import build_augment, build_method, view_crops
 from fastssl.optim import build_optimizer, scaled_lr
-from fastssl.train.trainer import (augment_generator, build_augment, build_model, resolve_augment_backend,
+from fastssl.train.trainer import (augment_generator, resolve_augment_backend,
                                    resolve_device, resolve_precision, train_step)
 
 STAGES = ("data", "augment", "model", "loss", "optim", "train", "train-premade")
+SIMCLR_STAGES = ("model", "loss")
 # `--stage loss-backends -- ARGS` runs the loss backends' sweep, benchmarks/loss.py ARGS.
 SWEEPS = ("loss-backends", "augment-backends")
 COMPARISONS = ("optim-compare",)
@@ -82,11 +84,11 @@ def run(cfg, stages, steps: int, warmup: int):
     autocast_dtype, _ = resolve_precision(cfg.train.precision, device)
     train_dir, _ = resolve_paths(cfg.data)
     n = cfg.train.batch_size
-    loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=n, seed=cfg.train.seed,
-                          scale=cfg.augment.crop_scale, ratio=cfg.augment.crop_ratio, device=device)
     augment = build_augment(cfg)
+    loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=n, seed=cfg.train.seed,
+                          views=view_crops(augment), device=device)
     augment_backend = resolve_augment_backend(cfg.augment.backend, device)
-    model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
+    model = build_method(cfg).to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim.lr, n, cfg.optim.lr_scaling))
     amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else None
 
@@ -116,7 +118,7 @@ def run(cfg, stages, steps: int, warmup: int):
         model.zero_grad(set_to_none=True)
 
     def stage_loss():
-        info_nce(projections[0], projections[1], cfg.loss.temperature, backend=cfg.loss.backend).backward()
+        info_nce(projections[0], projections[1], cfg.method.simclr.temperature, backend=cfg.loss.backend).backward()
 
     def stage_optim():
         optimizer.step()
@@ -148,13 +150,14 @@ def run(cfg, stages, steps: int, warmup: int):
 
 
 def model_flops_per_image(model, augmented, amp) -> float:
-    """Forward + backward FLOPs of backbone and projector per image (both views), counted by torch."""
+    """FLOPs of the method's forward + backward per image (every view; backbone, heads, teacher,
+    loss), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
         with (amp() if amp else torch.autocast(augmented[0].device.type, enabled=False)):
-            z = model.projector(model.backbone(torch.cat(augmented)))
-        z.float().sum().backward()
+            loss, _ = model(augmented)
+        loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / augmented[0].shape[0]
 
@@ -164,7 +167,7 @@ def optim_compare(cfg, steps: int, warmup: int):
     from fastssl.optim import IMPLS
     device = resolve_device(cfg.train.device)
     cfg.model.backbone = "resnet50"
-    model = build_model(cfg).to(device)
+    model = build_method(cfg).to(device)
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(0)
     grads = [(torch.randn(p.shape, generator=gen) * 1e-3).to(device) for p in params]
@@ -210,6 +213,12 @@ def main(argv=None) -> int:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     stages = STAGES if args.stage == "all" else (args.stage,)
+    if cfg.method.name != "simclr":
+        # model and loss time SimCLR's pieces (backbone + projector, NT-Xent); train covers any method.
+        if args.stage in SIMCLR_STAGES:
+            parser.error(f"--stage {args.stage} times SimCLR's pieces; method {cfg.method.name} is timed by "
+                         "--stage train and train-premade")
+        stages = tuple(s for s in stages if s not in SIMCLR_STAGES)
     if args.stage == "optim-compare":
         device, results = optim_compare(cfg, args.steps, args.warmup)
         print(f"\nLARS step, resnet50 + projector parameters, on {loss_benchmark.device_slug(str(device))}")

@@ -10,7 +10,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     results = train(cfg)
     if results:
-        print(f"kNN top-1: simclr={results['knn_top1']:.1f}% random-init={results['knn_top1_random_init']:.1f}%")
+        print(f"kNN top-1: {cfg.method.name}={results['knn_top1']:.1f}% random-init={results['knn_top1_random_init']:.1f}%")
     return 0
 
 
@@ -49,9 +49,9 @@ def cmd_export(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastssl", description="Fast self-supervised learning for vision.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="pre-train (SimCLR), then evaluate by kNN",
+    p_train = sub.add_parser("train", help="pre-train (method.name: simclr, moco_v2, moco_v3, byol, simsiam, dino), then evaluate by kNN",
                              description="Pre-train, checkpoint every epoch, then print "
-                                         "'kNN top-1: simclr=NN.N%% random-init=NN.N%%'.")
+                                         "'kNN top-1: <method>=NN.N%% random-init=NN.N%%'.")
     p_train.add_argument("--config", help="YAML config file (see configs/)")
     p_train.add_argument("--help-config", action="store_true", help="list every config key with its default")
     p_train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=1")

@@ -92,11 +92,97 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.1
-    """NT-Xent temperature."""
     backend: str = "auto"
-    """Loss implementation: `triton` (fused kernels, CUDA), `chunked` (tiled PyTorch, any device),
-    `torch` (the reference) or `auto` (Triton on CUDA, else torch while small, chunked beyond)."""
+    """InfoNCE implementation of the contrastive methods (simclr, moco_v2, moco_v3): `triton`
+    (fused kernels, CUDA), `chunked` (tiled PyTorch, any device), `torch` (the reference) or
+    `auto` (Triton on CUDA, else torch while small, chunked beyond)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods: `method.name` selects one; each has its own section `method.<name>.*` with the papers'
+# defaults. The projector is shared: `model.proj_*` (the per-method YAML files set the papers'
+# heads). Sections of the methods not selected are kept but unused.
+
+@dataclass
+class SimCLRSettings:
+    temperature: float = 0.1
+    """NT-Xent temperature (0.1 at batch 4096; 0.2-0.5 for small batches)."""
+
+
+@dataclass
+class MoCoV2Settings:
+    temperature: float = 0.2
+    """InfoNCE temperature."""
+    queue_size: int = 65536
+    """Keys of earlier batches kept as negatives (a multiple of the global batch size)."""
+    momentum: float = 0.999
+    """Key-encoder EMA momentum (constant)."""
+
+
+@dataclass
+class MoCoV3Settings:
+    temperature: float = 1.0
+    """InfoNCE temperature (1.0 for ResNet-50 in the paper's code, 0.2 for ViT)."""
+    momentum: float = 0.99
+    """Key-encoder EMA momentum at the start; it rises to 1 on a cosine schedule."""
+    pred_hidden_dim: int = 4096
+    """Hidden width of the predictor MLP (its output has model.proj_dim)."""
+
+
+@dataclass
+class BYOLSettings:
+    momentum: float = 0.996
+    """Target-network EMA momentum at the start; it rises to 1 on a cosine schedule."""
+    pred_hidden_dim: int = 4096
+    """Hidden width of the predictor MLP (its output has model.proj_dim)."""
+    asymmetric_views: bool = True
+    """BYOL's view recipe (view 1 always blurred, view 2 blurred with p=0.1 and solarised with
+    p=0.2), overriding augment.blur_p/solarize_p; false keeps the augment section for both views."""
+
+
+@dataclass
+class SimSiamSettings:
+    pred_hidden_dim: int = 512
+    """Bottleneck width of the predictor MLP (its output has model.proj_dim)."""
+
+
+@dataclass
+class DINOSettings:
+    out_dim: int = 65536
+    """Output dimension of the head (the number of prototypes)."""
+    student_temperature: float = 0.1
+    """Temperature of the student's softmax."""
+    teacher_temperature: float = 0.07
+    """Temperature of the teacher's softmax after the warm-up (lower = sharper)."""
+    teacher_temperature_start: float = 0.04
+    """Teacher temperature at the start, raised linearly to teacher_temperature."""
+    teacher_temperature_warmup_epochs: float = 30.0
+    """Epochs of the linear teacher-temperature warm-up."""
+    center_momentum: float = 0.9
+    """EMA momentum of the centre subtracted from the teacher's outputs."""
+    momentum: float = 0.996
+    """Teacher EMA momentum at the start; it rises to 1 on a cosine schedule."""
+    global_crop_scale: List[float] = field(default_factory=lambda: [0.4, 1.0])
+    """Crop area range of the 2 global views (their size is augment.size)."""
+    local_crops: int = 8
+    """Number of local views (seen by the student only); 0 disables multi-crop."""
+    local_size: int = 96
+    """Side of each local view, in pixels."""
+    local_crop_scale: List[float] = field(default_factory=lambda: [0.05, 0.4])
+    """Crop area range of the local views."""
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"
+    """The self-supervised method: simclr, moco_v2, moco_v3, byol, simsiam or dino (each has a
+    section below with its own settings)."""
+    simclr: SimCLRSettings = field(default_factory=SimCLRSettings)
+    moco_v2: MoCoV2Settings = field(default_factory=MoCoV2Settings)
+    moco_v3: MoCoV3Settings = field(default_factory=MoCoV3Settings)
+    byol: BYOLSettings = field(default_factory=BYOLSettings)
+    simsiam: SimSiamSettings = field(default_factory=SimSiamSettings)
+    dino: DINOSettings = field(default_factory=DINOSettings)
 
 
 @dataclass
@@ -204,6 +290,7 @@ class RunConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -298,7 +385,13 @@ def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
+# Keys that moved: the error says where they went.
+MOVED = {"loss.temperature": "method.<name>.temperature (e.g. method.simclr.temperature)"}
+
+
 def _unknown_key(key: str, valid) -> ConfigError:
+    if key in MOVED:
+        return ConfigError(f"config key {key!r} moved to {MOVED[key]}")
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint}")
@@ -339,16 +432,25 @@ def load_config(path: Union[str, Path, None] = None, overrides: Union[List[str],
     for key, value in values.items():
         if key not in kinds:
             raise _unknown_key(key, kinds)
-        section, name = key.split(".")
-        setattr(getattr(cfg, section), name, _coerce(key, value, kinds[key]))
+        *path, name = key.split(".")
+        section = cfg
+        for part in path:
+            section = getattr(section, part)
+        setattr(section, name, _coerce(key, value, kinds[key]))
     validate(cfg)
     return cfg
+
+
+def method_names():
+    """The valid `method.name` values: one per section of MethodConfig."""
+    return tuple(f.name for f in dataclasses.fields(MethodConfig) if f.name != "name")
 
 
 # Keys whose value must be one of a fixed set. Registries (backbones, loss backends) are checked
 # where they live, with the same kind of message.
 CHOICES = {
     "data.loader": ("pil",),
+    "method.name": method_names(),
     "augment.backend": ("auto", "kornia", "fused"),
     "model.stem": ("imagenet", "small"),
     "optim.name": ("lars", "sgd", "adamw"),
@@ -358,17 +460,28 @@ CHOICES = {
 }
 POSITIVE = ("data.embedded_train_per_class", "data.embedded_val_per_class", "data.embedded_image_size",
             "augment.size", "model.proj_hidden_dim", "model.proj_dim", "model.proj_layers",
-            "loss.temperature", "train.epochs", "train.batch_size", "train.log_every", "train.max_nonfinite_steps",
+            "train.epochs", "train.batch_size", "train.log_every", "train.max_nonfinite_steps",
             "eval.knn_k", "eval.knn_temperature", "eval.batch_size", "eval.linear_epochs", "eval.linear_lr",
-            "eval.linear_batch_size", "optim.lr")
+            "eval.linear_batch_size", "optim.lr", "method.simclr.temperature", "method.moco_v2.temperature",
+            "method.moco_v2.queue_size", "method.moco_v3.temperature", "method.moco_v3.pred_hidden_dim",
+            "method.byol.pred_hidden_dim", "method.simsiam.pred_hidden_dim", "method.dino.out_dim",
+            "method.dino.student_temperature", "method.dino.teacher_temperature",
+            "method.dino.teacher_temperature_start", "method.dino.local_size")
+# EMA momenta: 0 copies the student every step, 1 freezes the teacher.
+MOMENTA = ("method.moco_v2.momentum", "method.moco_v3.momentum", "method.byol.momentum", "method.dino.momentum",
+           "method.dino.center_momentum")
 PROBABILITIES = ("augment.flip_p", "augment.jitter_p", "augment.grayscale_p", "augment.blur_p",
                  "augment.solarize_p")
-RANGES = ("augment.crop_scale", "augment.crop_ratio", "augment.blur_sigma")
+RANGES = ("augment.crop_scale", "augment.crop_ratio", "augment.blur_sigma", "method.dino.global_crop_scale",
+          "method.dino.local_crop_scale")
 
 
 def get(cfg: Config, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
 
 
 def validate(cfg: Config) -> None:
@@ -386,6 +499,9 @@ def validate(cfg: Config) -> None:
         low_high = get(cfg, key)
         if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
             raise ConfigError(f"{key}: expected [min, max] with 0 < min <= max, got {low_high!r}")
+    for key in MOMENTA:
+        if not 0.0 <= get(cfg, key) <= 1.0:
+            raise ConfigError(f"{key}: an EMA momentum must lie in [0, 1], got {get(cfg, key)!r}")
     if not cfg.optim.momentum < 1.0:
         raise ConfigError(f"optim.momentum: must lie in [0, 1), got {cfg.optim.momentum!r}")
     if not cfg.optim.trust_coefficient > 0:
@@ -393,7 +509,8 @@ def validate(cfg: Config) -> None:
     for key in ("data.workers", "train.threads", "train.stop_after_epochs", "train.checkpoint_every_steps",
                 "train.stop_after_steps", "eval.knn_every_epochs", "eval.linear_weight_decay",
                 "train.grad_clip", "optim.weight_decay", "optim.momentum",
-                "optim.warmup_epochs", "run.keep_checkpoints", "augment.jitter_strength"):
+                "optim.warmup_epochs", "run.keep_checkpoints", "augment.jitter_strength",
+                "method.dino.local_crops", "method.dino.teacher_temperature_warmup_epochs"):
         if get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(cfg, key)!r}")
     if len(cfg.augment.mean) != 3 or len(cfg.augment.std) != 3 or min(cfg.augment.std) <= 0:

@@ -47,7 +47,7 @@ def tiny_config(tiny_cache, tmp_path):
             "augment.jitter_strength": 0.5,
             "model.backbone": "resnet18", "model.proj_hidden_dim": 64, "model.proj_dim": 32,
             "optim.lr": 2.0, "optim.lr_scaling": "none", "optim.warmup_epochs": 0.5,
-            "loss.temperature": 0.2,
+            "method.simclr.temperature": 0.2,
             "train.epochs": 2, "train.batch_size": 32, "train.log_every": 1, "train.device": "cpu",
             "eval.knn_k": 20, "run.dir": str(tmp_path / "run"),
         }

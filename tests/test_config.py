@@ -39,7 +39,7 @@ def test_wrong_type_names_the_key():
 
 
 def test_int_is_accepted_for_float():
-    assert load_config(None, ["loss.temperature=1"]).loss.temperature == 1.0
+    assert load_config(None, ["method.simclr.temperature=1"]).method.simclr.temperature == 1.0
 
 
 def test_duplicate_yaml_key(tmp_path):
@@ -79,7 +79,7 @@ def test_shipped_configs_load(path):
 def test_imagenet_config_has_the_paper_settings():
     cfg = load_config(Path(__file__).parent.parent / "configs" / "simclr_resnet50_imagenet.yaml")
     assert (cfg.train.batch_size, cfg.optim.name, cfg.optim.lr, cfg.optim.lr_scaling) == (4096, "lars", 0.3, "linear")
-    assert (cfg.optim.weight_decay, cfg.loss.temperature, cfg.optim.warmup_epochs) == (1e-6, 0.1, 10)
+    assert (cfg.optim.weight_decay, cfg.method.simclr.temperature, cfg.optim.warmup_epochs) == (1e-6, 0.1, 10)
     assert (cfg.model.backbone, cfg.model.proj_hidden_dim, cfg.model.proj_dim) == ("resnet50", 2048, 128)
 
 

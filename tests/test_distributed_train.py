@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastssl.config import load_config
+from fastssl.config import flatten, load_config, to_dict
 from fastssl.train import train
 from fastssl.train.checkpoint import load_checkpoint
 
@@ -31,6 +31,11 @@ def _losses(run_dir):
     return [r["loss"] for r in map(json.loads, lines) if r["event"] == "train"]
 
 
+def _spawn(cfg) -> None:
+    values = flatten(to_dict(cfg))
+    mp.spawn(_worker, args=(2, _free_port(), values), nprocs=2, join=True)
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_processes_match_one_process(tiny_config, tmp_path):
     overrides = {"train.stop_after_steps": 3, "train.threads": 1, "train.sync_bn": True}
@@ -40,10 +45,7 @@ def test_two_gloo_processes_match_one_process(tiny_config, tmp_path):
         train(single)
     finally:
         torch.set_num_threads(threads)
-    double = tiny_config(**overrides, **{"run.dir": str(tmp_path / "ddp")})
-    from fastssl.config import to_dict
-    values = {f"{s}.{k}": v for s, section in to_dict(double).items() for k, v in section.items()}
-    mp.spawn(_worker, args=(2, _free_port(), values), nprocs=2, join=True)
+    _spawn(tiny_config(**overrides, **{"run.dir": str(tmp_path / "ddp")}))
 
     a = load_checkpoint(tmp_path / "single" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
@@ -63,12 +65,6 @@ def test_two_gloo_processes_match_one_process(tiny_config, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["event"] == "start" and records[0]["world_size"] == 2
     assert len([r for r in records if r["event"] == "train"]) == 3          # rank 0 alone writes metrics
-
-
-def _spawn(cfg) -> None:
-    from fastssl.config import to_dict
-    values = {f"{s}.{k}": v for s, section in to_dict(cfg).items() for k, v in section.items()}
-    mp.spawn(_worker, args=(2, _free_port(), values), nprocs=2, join=True)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -122,9 +118,8 @@ def _nan_worker(rank: int, world: int, port: int, values: dict) -> None:
 
 def test_a_non_finite_loss_on_one_rank_is_skipped_on_all(tiny_config, tmp_path):
     import time
-    from fastssl.config import to_dict
     cfg = tiny_config(**{"train.stop_after_steps": 3, "run.dir": str(tmp_path / "nan")})
-    values = {f"{s}.{k}": v for s, section in to_dict(cfg).items() for k, v in section.items()}
+    values = flatten(to_dict(cfg))
     context = mp.spawn(_nan_worker, args=(2, _free_port(), values), nprocs=2, join=False)
     deadline = time.time() + 120
     while not context.join(timeout=1):

@@ -21,7 +21,7 @@ def checkpoint(tiny_cache, tmp_path_factory):
               **{f"data.{k}": v for k, v in conftest.TINY_DATA.items()},
               "augment.size": 16, "augment.crop_scale": [0.3, 1.0], "augment.blur_p": 0.0,
               "model.backbone": "resnet18", "model.proj_hidden_dim": 64, "model.proj_dim": 32,
-              "optim.lr": 2.0, "optim.lr_scaling": "none", "optim.warmup_epochs": 0.5, "loss.temperature": 0.2,
+              "optim.lr": 2.0, "optim.lr_scaling": "none", "optim.warmup_epochs": 0.5, "method.simclr.temperature": 0.2,
               "train.epochs": 2, "train.batch_size": 32, "train.device": "cpu", "eval.knn_k": 20,
               "eval.knn_every_epochs": 1, "run.dir": str(run)}
     results = train(load_config(None, values))
@@ -75,7 +75,7 @@ def test_export_loads_into_torchvision_and_gives_identical_features(checkpoint, 
     tv.fc = torch.nn.Identity()
     tv.load_state_dict(torch.load(out, weights_only=True), strict=True)
     from fastssl.eval.commands import load_for_eval
-    from fastssl.train.trainer import build_model
+    from fastssl.methods import build_method as build_model
     cfg, state = load_for_eval(run / "checkpoints" / "last.pt")
     model = build_model(cfg)
     model.load_state_dict(state["model"])
@@ -87,7 +87,7 @@ def test_export_loads_into_torchvision_and_gives_identical_features(checkpoint, 
 
 def test_export_small_stem(tiny_config, tmp_path):
     from fastssl.eval.commands import export_backbone
-    from fastssl.train.trainer import build_model
+    from fastssl.methods import build_method as build_model
     cfg = tiny_config(**{"model.stem": "small"})
     state = {"model": build_model(cfg).state_dict()}
     export_backbone(cfg, state, tmp_path / "b.pt")

@@ -22,5 +22,6 @@ def test_readme_example_runs(index, tiny_config, tmp_path, monkeypatch):
         train(cfg)
         assert cli_main(["export", "--checkpoint", f"{cfg.run.dir}/checkpoints/last.pt",
                          "--out", str(tmp_path / "backbone.pt")]) == 0
+    (tmp_path / "configs").symlink_to(README.parent / "configs")     # examples name configs/*.yaml as from the repo root
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), {"__name__": "readme"})

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from fastssl.config import flatten, to_dict
 from fastssl.train import NonFiniteLossError, train
 from fastssl.train.checkpoint import load_checkpoint, save_atomic, save_checkpoint
 
@@ -101,7 +102,8 @@ def test_cli_prints_the_final_line(tiny_config, tmp_path):
 
 def test_bf16_autocast_step_on_cpu(tiny_config):
     from fastssl.optim import build_optimizer
-    from fastssl.train.trainer import build_augment, build_model, resolve_precision, train_step
+    from fastssl.methods import build_augment, build_method as build_model
+    from fastssl.train.trainer import resolve_precision, train_step
     cfg = tiny_config(**{"train.precision": "bf16"})
     dtype, use_scaler = resolve_precision(cfg.train.precision, torch.device("cpu"))
     assert dtype is torch.bfloat16 and not use_scaler
@@ -280,7 +282,7 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_matches(tiny_config, 
         train(full)
         cfg = tiny_config(**overrides, **{"run.dir": str(tmp_path / "sig")})
         args = [f"{k}={json.dumps(v) if isinstance(v, list) else v}"
-                for k, v in _flat(cfg).items() if k != "train.resume"]
+                for k, v in flatten(to_dict(cfg)).items() if k != "train.resume"]
         proc = subprocess.Popen([sys.executable, "-m", "fastssl", "train", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         metrics = tmp_path / "sig" / "metrics.jsonl"
@@ -302,11 +304,6 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_matches(tiny_config, 
         torch.set_num_threads(threads)
     assert_same_model(final_model(tmp_path / "full"), final_model(tmp_path / "sig"))
     assert [r["loss"] for r in train_records(tmp_path / "sig")] == [r["loss"] for r in train_records(tmp_path / "full")]
-
-
-def _flat(cfg):
-    from fastssl.config import to_dict
-    return {f"{section}.{key}": value for section, values in to_dict(cfg).items() for key, value in values.items()}
 
 
 # --- non-finite losses ---------------------------------------------------------------------------
@@ -334,7 +331,8 @@ def test_a_single_non_finite_step_is_skipped_and_training_continues(tiny_config,
 
 def test_non_finite_step_makes_no_update(tiny_config):
     from fastssl.optim import build_optimizer
-    from fastssl.train.trainer import build_augment, build_model, train_step
+    from fastssl.methods import build_augment, build_method as build_model
+    from fastssl.train.trainer import train_step
     cfg = tiny_config()
     model = build_model(cfg)
     optimizer = build_optimizer(model, cfg.optim, 0.5)
@@ -357,7 +355,8 @@ def test_non_finite_step_makes_no_update(tiny_config):
 
 def test_grad_clip_bounds_the_update(tiny_config):
     from fastssl.optim import build_optimizer
-    from fastssl.train.trainer import build_augment, build_model, train_step
+    from fastssl.methods import build_augment, build_method as build_model
+    from fastssl.train.trainer import train_step
     cfg = tiny_config(**{"optim.name": "sgd", "optim.momentum": 0.0, "optim.weight_decay": 0.0,
                          "train.grad_clip": 0.01})
     model = build_model(cfg)
@@ -425,7 +424,8 @@ def test_fused_augmentation_gives_the_reference_loss_curve(tiny_config):
     """Golden parity: the same two steps with augment.backend=fused (Triton, interpreted on CPU) and
     kornia give the same losses within fp32 rounding of the views (both draw the same parameters)."""
     from fastssl.optim import build_optimizer
-    from fastssl.train.trainer import build_augment, build_model, train_step
+    from fastssl.methods import build_augment, build_method as build_model
+    from fastssl.train.trainer import train_step
     cfg = tiny_config()
     views = [torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
              for i in range(2)]
@@ -449,7 +449,7 @@ def test_augment_backend_auto_is_kornia_on_cpu():
 def test_per_view_recipe_from_yaml(tiny_config, tmp_path):
     """BYOL's asymmetric views in YAML: each view gets its own blur/solarise; training runs on them."""
     from fastssl.config import ConfigError, load_config
-    from fastssl.train.trainer import build_augment
+    from fastssl.methods import build_augment
     path = tmp_path / "byol_views.yaml"
     path.write_text("augment:\n  views:\n    - {blur_p: 1.0, solarize_p: 0.0}\n    - {blur_p: 0.1, solarize_p: 0.2}\n")
     views = build_augment(load_config(path)).views
@@ -460,8 +460,8 @@ def test_per_view_recipe_from_yaml(tiny_config, tmp_path):
     assert train(cfg)["knn_top1"] >= 0
     for views, message in [([{"blurp": 1.0}, {}], r"augment.views\[0\].blurp: unknown setting"),
                            ([{"blur_p": 2.0}, {}], r"augment.views\[0\].blur_p: a probability"),
-                           ([{"size": 8}, {}], r"augment.views\[0\].size: the loader cuts"),
-                           ([{}, {}, {}], "SimCLR takes 2 views, got 3")]:
+                           ([{"size": 8}, {}], "2 views of the same size, got 8 and 16 px"),
+                           ([{}, {}, {}], "method simclr takes exactly 2 views, got 3")]:
         with pytest.raises(ConfigError, match=message):
             build_augment(tiny_config(**{"augment.views": views}))
     with pytest.raises(ConfigError, match=r"augment.views\[0\]: expected a mapping"):

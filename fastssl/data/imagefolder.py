@@ -1,8 +1,9 @@
 """The reference input pipeline: a PyTorch DataLoader over an ImageFolder, decoding with PIL.
 
 Every loader yields the same thing, so the trainer and the augmentation never know which one
-runs: `(views, labels, indices)` with `views` a list of uint8 (N, 3, S, S) tensors on the target
-device (two RandomResizedCrops of each image for pre-training), `labels` and `indices` int64 (N,).
+runs: `(views, labels, indices)` with `views` a list of uint8 (N, 3, S_v, S_v) tensors on the target
+device (RandomResizedCrops of each image for pre-training: two by default, or one per `ViewCrop`,
+each with its own size and ranges for multi-crop), `labels` and `indices` int64 (N,).
 
 Reproducibility: the sampler hands each image a seed derived from (seed, epoch, position), and
 the dataset draws that image's crops from it, so a batch's pixels do not depend on the number
@@ -20,7 +21,7 @@ decoding) the images of the skipped batches.
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -73,11 +74,20 @@ def to_uint8_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-class TwoViewDataset(Dataset):
-    """`dataset[(index, seed)]` -> ([view] * n_views uint8 (3, S, S), label, index)."""
+class ViewCrop(NamedTuple):
+    """The random crop of one view: output side in pixels, area-fraction and aspect-ratio ranges."""
+    size: int
+    scale: Sequence[float] = (0.08, 1.0)
+    ratio: Sequence[float] = (3 / 4, 4 / 3)
 
-    def __init__(self, samples, size: int, scale: Sequence[float], ratio: Sequence[float], n_views: int = 2):
-        self.samples, self.size, self.scale, self.ratio, self.n_views = samples, size, scale, ratio, n_views
+
+class MultiViewDataset(Dataset):
+    """`dataset[(index, seed)]` -> ([one uint8 (3, S_v, S_v) crop per ViewCrop], label, index).
+
+    One decode per image; the crops are drawn in view order from the image's seed."""
+
+    def __init__(self, samples, views: Sequence[ViewCrop]):
+        self.samples, self.views = samples, list(views)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -87,10 +97,11 @@ class TwoViewDataset(Dataset):
         path, label = self.samples[index]
         img = load_rgb(path)
         gen = torch.Generator().manual_seed(seed)
-        boxes = crop_boxes(sample_crop_params(self.n_views, self.scale, self.ratio, gen), img.height, img.width)
-        views = [to_uint8_chw(img.resize((self.size, self.size), Image.BILINEAR, box=crop_box_pixels(b)))
-                 for b in boxes]
-        return views, label, index
+        out = []
+        for view in self.views:
+            box = crop_boxes(sample_crop_params(1, view.scale, view.ratio, gen), img.height, img.width)[0]
+            out.append(to_uint8_chw(img.resize((view.size, view.size), Image.BILINEAR, box=crop_box_pixels(box))))
+        return out, label, index
 
 
 class CenterViewDataset(Dataset):
@@ -153,10 +164,12 @@ class ImageFolderLoader:
     """Batches of `(views, labels, indices)` on `device`; `set_epoch(e)` before each epoch."""
 
     def __init__(self, root, *, size: int, batch_size: int, seed: int = 0, scale=(0.08, 1.0),
-                 ratio=(3 / 4, 4 / 3), workers: int = 2, device="cpu", train: bool = True, rank: int = 0,
-                 world_size: int = 1):
+                 ratio=(3 / 4, 4 / 3), views: Sequence[ViewCrop] = None, workers: int = 2, device="cpu",
+                 train: bool = True, rank: int = 0, world_size: int = 1):
         """`batch_size` is per process; with `world_size` processes a global batch is
-        `batch_size * world_size` images (training only; evaluation loaders are not sharded)."""
+        `batch_size * world_size` images (training only; evaluation loaders are not sharded).
+        Training yields one crop per entry of `views` (default: two crops of `size` with `scale`
+        and `ratio`); evaluation yields one centre view of `size`."""
         self.samples, self.classes = scan_image_folder(root)
         self.device = torch.device(device)
         self.train = train
@@ -164,7 +177,7 @@ class ImageFolderLoader:
             if len(self.samples) < batch_size * world_size:
                 raise ValueError(f"{root} holds {len(self.samples)} images, fewer than one batch "
                                  f"(train.batch_size={batch_size * world_size}); lower the batch size")
-            dataset = TwoViewDataset(self.samples, size, scale, ratio)
+            dataset = MultiViewDataset(self.samples, views or [ViewCrop(size, scale, ratio)] * 2)
             self.sampler = EpochSampler(len(self.samples), seed, batch_size=batch_size, rank=rank,
                                         world_size=world_size)
         else:

@@ -13,6 +13,7 @@ from fastssl.config import Config, flatten, load_config
 from fastssl.data import build_loader, resolve_paths
 from fastssl.eval.knn import extract_features, knn_accuracy
 from fastssl.eval.linear import linear_probe
+from fastssl.methods import build_method
 
 
 def load_for_eval(checkpoint, config: Optional[str] = None, overrides: Optional[List[str]] = None):
@@ -33,11 +34,15 @@ def load_for_eval(checkpoint, config: Optional[str] = None, overrides: Optional[
     return cfg, state
 
 
-def trained_backbone(cfg: Config, state, device) -> torch.nn.Module:
-    from fastssl.train.trainer import build_model
-    model = build_model(cfg)
+def trained_backbone(cfg: Config, state) -> torch.nn.Module:
+    """The backbone the method evaluates (DINO: the teacher's), with the checkpoint's weights."""
+    model = build_method(cfg)
     model.load_state_dict(state["model"])
-    return model.backbone.to(device).to(memory_format=torch.channels_last).eval()
+    return model.eval_backbone()
+
+
+def backbone_on(cfg: Config, state, device) -> torch.nn.Module:
+    return trained_backbone(cfg, state).to(device).to(memory_format=torch.channels_last).eval()
 
 
 def eval_loaders(cfg: Config, device):
@@ -64,12 +69,11 @@ def knn_top1(cfg: Config, backbone, loaders) -> float:
 
 
 def eval_knn(cfg: Config, state, device) -> Dict[str, float]:
-    return {"knn_top1": knn_top1(cfg, trained_backbone(cfg, state, device), eval_loaders(cfg, device))}
+    return {"knn_top1": knn_top1(cfg, backbone_on(cfg, state, device), eval_loaders(cfg, device))}
 
 
 def eval_linear(cfg: Config, state, device) -> Dict[str, float]:
-    train_f, train_y, val_f, val_y = features(cfg, trained_backbone(cfg, state, device), eval_loaders(cfg, device),
-                                              False)
+    train_f, train_y, val_f, val_y = features(cfg, backbone_on(cfg, state, device), eval_loaders(cfg, device), False)
     e = cfg.eval
     return linear_probe(train_f, train_y, val_f, val_y, epochs=e.linear_epochs, lr=e.linear_lr,
                         batch_size=e.linear_batch_size, weight_decay=e.linear_weight_decay, seed=cfg.train.seed)
@@ -78,10 +82,9 @@ def eval_linear(cfg: Config, state, device) -> Dict[str, float]:
 def export_backbone(cfg: Config, state, out) -> Path:
     """The backbone's state dict (no `fc`): it loads with strict=True into torchvision's ResNet of
     the same name once its `fc` is `torch.nn.Identity()` (and, for `model.stem=small`, its conv1
-    is a 3x3 stride-1 conv without bias and its maxpool an Identity)."""
-    model_state = state["model"]
-    backbone = {k[len("backbone."):]: v.detach().clone().contiguous() for k, v in model_state.items()
-                if k.startswith("backbone.")}
+    is a 3x3 stride-1 conv without bias and its maxpool an Identity). The backbone is the one the
+    method evaluates (DINO: the teacher's)."""
+    backbone = {k: v.detach().clone().contiguous() for k, v in trained_backbone(cfg, state).state_dict().items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(backbone, out)

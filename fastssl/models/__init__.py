@@ -32,13 +32,17 @@ def build_backbone(name: str, stem: str = "imagenet") -> Tuple[nn.Module, int]:
     return net, feature_dim
 
 
-def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
-    """SimCLR's projection head: (Linear-BN-ReLU) x (layers - 1), then Linear to out_dim."""
+def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2,
+                   last_bn: bool = False) -> nn.Sequential:
+    """SimCLR's projection head: (Linear-BN-ReLU) x (layers - 1), then Linear to out_dim (with
+    `last_bn`, followed by BatchNorm without affine parameters: SimSiam, MoCo v3)."""
     if layers < 1:
         raise ValueError(f"model.proj_layers: must be >= 1, got {layers}")
     blocks, dim = [], in_dim
     for _ in range(layers - 1):
         blocks += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
         dim = hidden_dim
-    blocks.append(nn.Linear(dim, out_dim))
+    blocks.append(nn.Linear(dim, out_dim, bias=not last_bn))
+    if last_bn:
+        blocks.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*blocks)

@@ -146,6 +146,8 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
         out = AllReduceBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                  module.track_running_stats)
         out.load_state_dict(module.state_dict())
+        if module.affine:      # the same parameter objects, as torch's conversion keeps them (frozen teachers stay frozen)
+            out.weight, out.bias = module.weight, module.bias
         out.train(module.training)
     for name, child in module.named_children():
         out.add_module(name, convert_sync_batchnorm(child, device))

@@ -25,12 +25,10 @@ from typing import Dict
 
 import torch
 
-from fastssl.augment import AugmentConfigError, MultiViewAugment
 from fastssl.config import Config, ConfigError, save_config, to_dict
 from fastssl.data import build_loader, resolve_paths
 from fastssl.eval.commands import eval_loaders, knn_top1
-from fastssl.losses import BACKENDS
-from fastssl.methods import SimCLR
+from fastssl.methods import Method, build_augment, build_method, view_crops
 from fastssl.optim import build_optimizer, lr_at, scaled_lr
 from fastssl.train.checkpoint import find_and_load, rng_state, save_checkpoint, save_last, set_rng_state
 from fastssl.train.distributed import (DistInfo, barrier, cleanup, convert_sync_batchnorm, gather_objects,
@@ -67,39 +65,6 @@ def resolve_precision(precision: str, device: torch.device):
 def augment_generator(seed: int, step: int) -> torch.Generator:
     """The generator that draws step `step`'s augmentation parameters (independent of the loader's)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) + (1 << 40))
-
-
-def build_model(cfg: Config) -> SimCLR:
-    """The SimCLR model, initialised from `train.seed` (so the random-init baseline is reproducible)."""
-    if cfg.loss.backend not in BACKENDS:
-        raise ValueError(f"loss.backend: unknown backend {cfg.loss.backend!r}; choose one of {', '.join(BACKENDS)}")
-    torch.manual_seed(cfg.train.seed)
-    m = cfg.model
-    return SimCLR(m.backbone, m.stem, m.proj_hidden_dim, m.proj_dim, m.proj_layers,
-                  cfg.loss.temperature, cfg.loss.backend)
-
-
-def build_augment(cfg: Config) -> MultiViewAugment:
-    """One augmentation per view from `augment.*` (and its per-view `augment.views` overrides).
-
-    The loader already cut the random crops (crop=False here), with the section's size and crop
-    ranges for every view, so a view may not override those (multi-crop needs a loader that cuts
-    each view its own crop).
-    """
-    settings = to_dict(cfg)["augment"]
-    settings.pop("backend")
-    views = settings.pop("views") or [{}, {}]
-    if len(views) != 2:
-        raise ConfigError(f"augment.views: SimCLR takes 2 views, got {len(views)}")
-    for i, view in enumerate(views):
-        for key in ("size", "crop_scale", "crop_ratio", "crop"):
-            if key in view:
-                raise ConfigError(f"augment.views[{i}].{key}: the loader cuts every view's crop with "
-                                  f"augment.{key}; per-view crop geometry (multi-crop) is not supported by this loader")
-    try:
-        return MultiViewAugment([{**settings, "crop": False, **view} for view in views])
-    except AugmentConfigError as exc:
-        raise ConfigError(f"augment.{exc}") from None
 
 
 def resolve_augment_backend(name: str, device: torch.device) -> str:
@@ -179,7 +144,7 @@ def resolve_schedule(cfg: Config, steps_per_epoch: int) -> Dict[str, float]:
 
 
 def unwrap(model):
-    """The SimCLR module inside torch.compile's and DistributedDataParallel's wrappers."""
+    """The method's module inside torch.compile's and DistributedDataParallel's wrappers."""
     model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
@@ -217,19 +182,26 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
                          f"by the number of processes ({world})")
     local_batch = cfg.train.batch_size // world
 
+    augment = build_augment(cfg)
+    model = build_method(cfg)
+    if dist_info.enabled and model.needs_global_batch_norm and not cfg.train.sync_bn:
+        raise ConfigError(f"train.sync_bn=false: method {cfg.method.name} needs batch statistics over the "
+                          "global batch under torchrun (per-process statistics leak the positive key); "
+                          "set train.sync_bn=true")
     train_dir, val_dir = resolve_paths(cfg.data, log=log.info)
     loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=local_batch,
-                          seed=cfg.train.seed, scale=cfg.augment.crop_scale, ratio=cfg.augment.crop_ratio,
-                          device=device, train=True, rank=dist_info.rank, world_size=world)
-    augment = build_augment(cfg)
-    model = build_model(cfg)
+                          seed=cfg.train.seed, views=view_crops(augment), device=device, train=True,
+                          rank=dist_info.rank, world_size=world)
     if dist_info.enabled and cfg.train.sync_bn:
         model = convert_sync_batchnorm(model, device)
     model = model.to(device).to(memory_format=torch.channels_last)
     steps_per_epoch = loader.batches_per_epoch()
     schedule = resolve_schedule(cfg, steps_per_epoch)
+    model.set_schedule(steps_per_epoch, schedule["total_steps"])
     optimizer = build_optimizer(model, cfg.optim, schedule["peak_lr"])
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    log.info("method %s, %d view(s) of %s px", cfg.method.name, len(augment),
+             "/".join(str(size) for size in sorted({v.size for v in augment.views}, reverse=True)))
     log.info("%d training images (%s), %d steps/epoch (global batch %d = %d process(es) x %d), %d epochs; "
              "peak lr %.4g (%s scaling of %g), %d warm-up steps, %d steps in all; device %s",
              len(loader.samples), train_dir, steps_per_epoch, cfg.train.batch_size, world, local_batch,
@@ -334,6 +306,7 @@ def train_epoch(cfg: Config, loader, epoch: int, step: int, start_batch: int = 0
     window_images, window_start, data_wait = 0, time.perf_counter(), 0.0
     fetch_start = time.perf_counter()
     batch, nonfinite_run = start_batch, counters.get("nonfinite_run", 0)
+    collapse_warned = False
     for views, _, _ in loader:
         data_wait += time.perf_counter() - fetch_start
         lr = lr_at(step, peak_lr, warmup_steps, total_steps)
@@ -341,7 +314,8 @@ def train_epoch(cfg: Config, loader, epoch: int, step: int, start_batch: int = 0
             group["lr"] = lr
         loss, stats = train_step(views, step, cfg.train.seed, model=model, optimizer=optimizer, scaler=scaler,
                                  augment=augment, augment_backend=augment_backend, device=device,
-                                 autocast_dtype=autocast_dtype, shard=(dist_info.rank, dist_info.world_size), grad_clip=cfg.train.grad_clip)
+                                 autocast_dtype=autocast_dtype, shard=(dist_info.rank, dist_info.world_size),
+                                 grad_clip=cfg.train.grad_clip)
         if device.type == "cuda":
             stats["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if not math.isfinite(loss):
@@ -366,6 +340,10 @@ def train_epoch(cfg: Config, loader, epoch: int, step: int, start_batch: int = 0
         if main:
             progress.update(batch, loss=loss, lr=lr, **{"img/s": round(window_images / max(elapsed, 1e-9))})
         if main and (step % cfg.train.log_every == 0 or batch == steps_per_epoch):
+            collapse = unwrap(model).collapse_warning(stats)
+            if collapse and not collapse_warned:       # once per epoch; the metrics keep every value
+                log.warning("epoch %d, step %d: %s", epoch + 1, step, collapse)
+                collapse_warned = True
             metrics.write(event="train", epoch=epoch + 1, step=step, loss=loss, lr=lr,
                           images_per_s=window_images / max(elapsed, 1e-9),
                           data_wait_share=data_wait / max(elapsed, 1e-9), **stats)
@@ -399,15 +377,18 @@ def stop_reason(cfg: Config, step: int, stop: StopSignal, dist_info: DistInfo):
 
 def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment, device, autocast_dtype,
                augment_backend: str = "kornia", shard=(0, 1), grad_clip: float = 0.0):
-    """Augment both views, forward, backward, optimiser step. Returns (loss value, stats).
+    """Augment the views, forward, backward, optimiser step, the method's own updates (after_step).
+    Returns (loss value, stats).
 
-    A non-finite loss skips the update (the gradient scaler skips it with fp16) and is returned
+    A non-finite loss skips the update (and the method's after_step) (the gradient scaler skips it with fp16) and is returned
     as it is, for the caller to count. With `shard=(rank, world)` the views are this rank's rows
     of the global batch: their augmentation parameters are rows [rank*n, (rank+1)*n) of those
     drawn for the whole global batch, and the returned loss is the mean over ranks. `grad_clip` > 0
     clips the global gradient norm (reported as stats['grad_norm'], before clipping).
     """
     rank, world = shard
+    method = unwrap(model)
+    method.before_step(step)
     gen = augment_generator(seed, step)
     n = views[0].shape[0]
     x = []
@@ -434,11 +415,14 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
         scaler.step(optimizer)
         scaler.update()
+        if math.isfinite(value):
+            method.after_step()
     elif math.isfinite(value):
         loss.backward()
         if grad_clip:
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
         optimizer.step()
+        method.after_step()
     elif world > 1:
         # Skipped on every rank (the loss is averaged over ranks first), but DDP expects the backward
         # that its forward prepared: run it, and drop the (non-finite) gradients without a step.
@@ -447,14 +431,15 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
     return value, stats
 
 
-def evaluate(cfg: Config, model: SimCLR, val_dir, device, random_init: bool = True) -> Dict[str, float]:
-    """kNN top-1 of the trained backbone and (unless `random_init=False`) of the same architecture
-    at its random initialisation."""
+def evaluate(cfg: Config, model: Method, val_dir, device, random_init: bool = True) -> Dict[str, float]:
+    """kNN top-1 of the trained method's evaluated backbone and (unless `random_init=False`) of
+    the same architecture at its random initialisation."""
     loaders = eval_loaders(cfg, device)
     log.info("kNN evaluation (k=%d, t=%g) on %s", cfg.eval.knn_k, cfg.eval.knn_temperature, val_dir)
-    trained = knn_top1(cfg, model.backbone, loaders)
+    trained = knn_top1(cfg, model.eval_backbone(), loaders)
     if not random_init:
         return {"knn_top1": trained}
-    with torch.random.fork_rng(devices=[]):      # build_model seeds the global RNG
-        baseline = knn_top1(cfg, build_model(cfg).backbone.to(device).to(memory_format=torch.channels_last), loaders)
+    with torch.random.fork_rng(devices=[]):      # build_method seeds the global RNG
+        initial = build_method(cfg).eval_backbone()
+        baseline = knn_top1(cfg, initial.to(device).to(memory_format=torch.channels_last), loaders)
     return {"knn_top1": trained, "knn_top1_random_init": baseline}
