@@ -57,3 +57,21 @@ if [ -d "$SAMPLE" ]; then
         data.train="$(dirname "$IMF")" data.val="$(dirname "$IMF")" data.workers=16 train.batch_size=256 \
         train.device=cuda train.precision=bf16
 fi
+
+# ------------------------------------------------------------- stage: methods (same data, same budget)
+# 1. correctness on the GPU: every method's unit, resume and distributed tests.
+env -u TRITON_INTERPRET "$PY" -m pytest tests/test_methods.py tests/test_methods_distributed.py -q -rs 2>&1 \
+    | tee benchmarks/results/logs/test_methods_gpu.log
+# 2. every method for the same fixed budget (the demo's settings, 20 epochs, batch 256) on a larger
+#    embedded dataset at 32 px and at 96 px: images/s and kNN top-1 side by side, each run's final
+#    line in benchmarks/results/logs/methods_gpu.log and its metrics under runs/gpu_methods/.
+for px in 32 96; do
+    for method in simclr moco_v2 moco_v3 byol simsiam dino; do
+        echo "== $method ${px}px" | tee -a benchmarks/results/logs/methods_gpu.log
+        "$PY" -m fastssl train --config configs/demo.yaml method.name=$method train.device=cuda \
+            data.embedded_train_per_class=2000 data.embedded_val_per_class=200 data.embedded_image_size=$px \
+            augment.size=$px method.dino.local_size=$((px / 2)) data.workers=8 train.epochs=20 \
+            train.batch_size=256 run.dir=runs/gpu_methods/${method}_${px}px 2>&1 \
+            | grep -E "kNN top-1|img/s" | tail -2 | tee -a benchmarks/results/logs/methods_gpu.log
+    done
+done

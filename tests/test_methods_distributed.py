@@ -57,6 +57,17 @@ def _spawn(fn, args, nprocs=WORLD, deadline_s=DEADLINE_S) -> bool:
     return True
 
 
+def _rank_results(out: Path, name: str, finished: bool) -> list:
+    """The result file `name` of every rank (a test failure when one is missing)."""
+    results = []
+    for r in range(WORLD):
+        path = out / f"{name}.rank{r}.pt"
+        if not path.exists():
+            pytest.fail(f"no result of {name} from rank {r}" + ("" if finished else " (the ranks hung)"))
+        results.append(torch.load(path, weights_only=False))
+    return results
+
+
 def _config(**overrides):
     """The module-level checks' config: tiny heads (no data is read)."""
     return load_config(None, {"model.backbone": "resnet18", "model.proj_hidden_dim": 64, "model.proj_dim": 32,
@@ -171,11 +182,7 @@ def method_results(tmp_path_factory):
 
     def get(name):
         results = []
-        for r in range(WORLD):
-            path = out / f"{name}.rank{r}.pt"
-            if not path.exists():
-                pytest.fail(f"no result of {name} from rank {r}" + ("" if finished else " (the ranks hung)"))
-            result = torch.load(path, weights_only=False)
+        for r, result in enumerate(_rank_results(out, name, finished)):
             if "error" in result:
                 pytest.fail(f"{name} raised on rank {r}:\n{result['error']}")
             results.append(result["ok"])
@@ -300,13 +307,7 @@ def train_results(tiny_cache, tmp_path_factory):
     finished = _spawn(_train_worker, (WORLD, ports, {s: flatten(to_dict(c)) for s, c in cfgs.items()}, str(out)))
 
     def get(stage):
-        results = []
-        for r in range(WORLD):
-            path = out / f"{stage}.rank{r}.pt"
-            if not path.exists():
-                pytest.fail(f"no result of stage {stage} from rank {r}" + ("" if finished else " (the ranks hung)"))
-            results.append(torch.load(path, weights_only=False))
-        return results, cfgs[stage]
+        return _rank_results(out, stage, finished), cfgs[stage]
     return get
 
 

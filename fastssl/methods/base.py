@@ -29,6 +29,9 @@ from fastssl.models import build_backbone
 # 1/sqrt(D) (SimSiam, Sec. 4.1). Below this fraction of that, the outputs have collapsed.
 COLLAPSE_STD_FRACTION = 0.1
 
+Views = List[torch.Tensor]                       # the augmented views, float NCHW, one batch per view
+Output = Tuple[torch.Tensor, Dict[str, float]]   # (loss, stats for the metrics)
+
 
 class Method(nn.Module):
     """Base class: the backbone, the schedule, and the hooks' defaults (two plain views, no updates)."""
@@ -129,7 +132,3 @@ def predictor_mlp(dim: int, hidden_dim: int) -> nn.Sequential:
     """BYOL / SimSiam / MoCo v3 predictor: Linear-BN-ReLU-Linear, `dim` -> `hidden_dim` -> `dim`."""
     return nn.Sequential(nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, dim))
-
-
-Views = List[torch.Tensor]
-Output = Tuple[torch.Tensor, Dict[str, float]]

@@ -16,6 +16,7 @@ torchrun `train.sync_bn` computes them over the global batch, which the trainer 
 methods; in one process they already cover the whole batch.
 """
 import torch
+import torch.nn.functional as F
 
 from fastssl.config import Config
 from fastssl.losses import info_nce_rows_cols
@@ -36,27 +37,44 @@ def positives_in_global_batch(n: int, device) -> torch.Tensor:
     return torch.arange(rank * n, (rank + 1) * n, device=device)
 
 
-class MoCoV2(Method):
-    name = "moco_v2"
+class MoCo(Method):
+    """What v2 and v3 share: the query encoder's projector, the key encoder and its EMA."""
     needs_global_batch_norm = True
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, settings, last_bn: bool):
         super().__init__(cfg)
-        m, s = cfg.model, cfg.method.moco_v2
-        self.projector = projection_mlp(self.feature_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers)
+        m = cfg.model
+        self.projector = projection_mlp(self.feature_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers, last_bn=last_bn)
         self.key_backbone, self.key_projector = momentum_teacher(self.backbone), momentum_teacher(self.projector)
-        self.temperature, self.momentum, self.loss_backend = s.temperature, s.momentum, cfg.loss.backend
+        self.temperature, self.loss_backend = settings.temperature, cfg.loss.backend
+        self.base_momentum = self.momentum = settings.momentum
+
+    def keys(self, x: torch.Tensor):
+        """The key encoder's projections of both views (no gradient), each gathered over the ranks."""
+        with torch.no_grad():
+            return [global_keys(k) for k in self.key_projector(self.key_backbone(x)).float().chunk(2)]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        ema_update(self.key_backbone, self.backbone, self.momentum)
+        ema_update(self.key_projector, self.projector, self.momentum)
+
+
+class MoCoV2(MoCo):
+    name = "moco_v2"
+
+    def __init__(self, cfg: Config):
+        s = cfg.method.moco_v2
+        super().__init__(cfg, s, last_bn=False)
         # The queue starts with random unit keys (as in the paper's code) and fills from the front.
-        self.register_buffer("queue", torch.nn.functional.normalize(torch.randn(s.queue_size, m.proj_dim), dim=1))
+        self.register_buffer("queue", F.normalize(torch.randn(s.queue_size, cfg.model.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.pending_keys = None
 
     def forward(self, views: Views) -> Output:
         x = torch.cat(views)
         q1, q2 = self.projector(self.backbone(x)).float().chunk(2)
-        with torch.no_grad():
-            k1, k2 = self.key_projector(self.key_backbone(x)).float().chunk(2)
-            k1, k2 = torch.nn.functional.normalize(global_keys(k1), dim=1), torch.nn.functional.normalize(global_keys(k2), dim=1)
+        k1, k2 = (F.normalize(k, dim=1) for k in self.keys(x))
         queue = self.queue.clone()       # after_step overwrites the buffer in place
         positive = positives_in_global_batch(q1.shape[0], q1.device)
         loss = (info_nce_rows_cols(q1, torch.cat([k2, queue]), positive, self.temperature, backend=self.loss_backend)
@@ -67,8 +85,7 @@ class MoCoV2(Method):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        ema_update(self.key_backbone, self.backbone, self.momentum)
-        ema_update(self.key_projector, self.projector, self.momentum)
+        super().after_step()
         if self.pending_keys is not None:
             enqueue(self.queue, self.queue_ptr, self.pending_keys)
             self.pending_keys = None
@@ -85,35 +102,23 @@ def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
     ptr.copy_((ptr + keys.shape[0]) % size)
 
 
-class MoCoV3(Method):
+class MoCoV3(MoCo):
     name = "moco_v3"
-    needs_global_batch_norm = True
 
     def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        m, s = cfg.model, cfg.method.moco_v3
-        self.projector = projection_mlp(self.feature_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers, last_bn=True)
-        self.predictor = predictor_mlp(m.proj_dim, s.pred_hidden_dim)
-        self.key_backbone, self.key_projector = momentum_teacher(self.backbone), momentum_teacher(self.projector)
-        self.temperature, self.base_momentum, self.loss_backend = s.temperature, s.momentum, cfg.loss.backend
-        self.momentum = s.momentum
+        s = cfg.method.moco_v3
+        super().__init__(cfg, s, last_bn=True)
+        self.predictor = predictor_mlp(cfg.model.proj_dim, s.pred_hidden_dim)
 
     def before_step(self, step: int) -> None:
         self.momentum = cosine_momentum(self.base_momentum, step, self.total_steps)
 
     def forward(self, views: Views) -> Output:
         x = torch.cat(views)
-        z = self.projector(self.backbone(x))
-        q1, q2 = self.predictor(z).float().chunk(2)
-        with torch.no_grad():
-            k1, k2 = (global_keys(k) for k in self.key_projector(self.key_backbone(x)).float().chunk(2))
+        q1, q2 = self.predictor(self.projector(self.backbone(x))).float().chunk(2)
+        k1, k2 = self.keys(x)
         positive = positives_in_global_batch(q1.shape[0], q1.device)
         t = self.temperature
         loss = 2 * t * (info_nce_rows_cols(q1, k2, positive, t, backend=self.loss_backend)
                          + info_nce_rows_cols(q2, k1, positive, t, backend=self.loss_backend))
         return loss, {**output_std(q1), "momentum": self.momentum}
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        ema_update(self.key_backbone, self.backbone, self.momentum)
-        ema_update(self.key_projector, self.projector, self.momentum)
