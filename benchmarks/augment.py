@@ -59,7 +59,6 @@ def torchvision_views(aug, images, out_dtype):
 
 def make_impl(name, mv, images, out_dtype, generator):
     """A zero-argument callable producing all views, or raise RuntimeError(reason) to skip."""
-    import torch
     if name in ("fused", "kornia"):
         if name == "fused" and images.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("skipped: on the CPU the fused kernels need TRITON_INTERPRET=1")

@@ -1,6 +1,5 @@
 """`fastssl eval knn|linear` and `fastssl export` on a checkpoint of the tiny run; the kNN monitor."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

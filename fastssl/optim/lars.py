@@ -14,7 +14,7 @@ ops: a handful of kernel launches per (device, dtype) bucket instead of ~8 per p
 `state[p]["momentum_buffer"]`, so their state dicts are interchangeable.
 """
 from collections import defaultdict
-from typing import Iterable, List
+from typing import List
 
 import torch
 from torch.optim import Optimizer
