@@ -162,6 +162,9 @@ class DINOSettings:
     """EMA momentum of the centre subtracted from the teacher's outputs."""
     momentum: float = 0.996
     """Teacher EMA momentum at the start; it rises to 1 on a cosine schedule."""
+    freeze_last_layer_epochs: float = 1.0
+    """The head's last (prototype) layer takes no update during this many first epochs (DINO:
+    training is more stable); 0: never frozen."""
     global_crop_scale: List[float] = field(default_factory=lambda: [0.4, 1.0])
     """Crop area range of the 2 global views (their size is augment.size)."""
     local_crops: int = 8
@@ -510,7 +513,8 @@ def validate(cfg: Config) -> None:
                 "train.stop_after_steps", "eval.knn_every_epochs", "eval.linear_weight_decay",
                 "train.grad_clip", "optim.weight_decay", "optim.momentum",
                 "optim.warmup_epochs", "run.keep_checkpoints", "augment.jitter_strength",
-                "method.dino.local_crops", "method.dino.teacher_temperature_warmup_epochs"):
+                "method.dino.local_crops", "method.dino.teacher_temperature_warmup_epochs",
+                "method.dino.freeze_last_layer_epochs"):
         if get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(cfg, key)!r}")
     if len(cfg.augment.mean) != 3 or len(cfg.augment.std) != 3 or min(cfg.augment.std) <= 0:

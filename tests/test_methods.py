@@ -324,6 +324,23 @@ def test_dino_teacher_temperature_warms_up_linearly(tiny_config):
     assert model.teacher_temperature.item() == pytest.approx(0.07)
 
 
+def test_dino_last_layer_takes_no_update_while_frozen(tiny_config):
+    """freeze_last_layer_epochs=1 with 2 steps an epoch: train_step leaves the prototypes alone at
+    steps 0 and 1 (while the rest of the student moves), and updates them from step 2 on."""
+    cfg, model, augment = dino_model(tiny_config, **{"method.dino.freeze_last_layer_epochs": 1.0})
+    model.set_schedule(2, 10)
+    optimizer = build_optimizer(model, cfg.optim, 0.5)
+    views = random_views(augment)
+    kwargs = dict(model=model, optimizer=optimizer, scaler=None, augment=augment, device=torch.device("cpu"),
+                  autocast_dtype=None)
+    prototypes, mlp = model.head.last_layer.weight, next(model.head.mlp.parameters())
+    for step, frozen in [(0, True), (1, True), (2, False)]:
+        before, mlp_before = prototypes.detach().clone(), mlp.detach().clone()
+        train_step(views, step, 0, **kwargs)
+        assert torch.equal(prototypes, before) == frozen, step
+        assert not torch.equal(mlp, mlp_before), step
+
+
 # --- 7. MoCo v2's queue ---------------------------------------------------------------------------
 
 def test_enqueue_is_fifo_with_wrap_around():

@@ -6,6 +6,8 @@ teacher) and says:
   the `augment` section), `copies` for repeated views and `size`/`crop_scale` for multi-crop;
   `check_views(views)` refuses view lists it cannot use (`augment.views` replaces the default);
 - `forward(views)`: (loss, stats) from the augmented views (a list of float NCHW batches);
+- `before_optimizer_step()`: a last say on the gradients after backward (DINO drops its last
+  layer's while that layer is frozen);
 - `before_step(step)`: its scheduled values for that step (EMA momentum, temperatures);
 - `after_step()`: what it updates after the optimiser step (the teacher's EMA, a queue, a centre),
   from what `forward` left pending. The trainer skips it with the step when the loss is not finite.
@@ -67,6 +69,9 @@ class Method(nn.Module):
 
     def before_step(self, step: int) -> None:
         """Set the scheduled values of global step `step` (0-based) before its forward."""
+
+    def before_optimizer_step(self) -> None:
+        """Called after backward, before gradient clipping and the optimiser step."""
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -9,7 +9,9 @@ linearly from 0.04 to 0.07 over 30 epochs. Centring and sharpening together avoi
 
 The head: the shared projection MLP (model.proj_*) down to a bottleneck of model.proj_dim, L2
 normalisation, then a weight-normalised linear layer (unit-norm rows, no bias) to
-method.dino.out_dim prototypes. The teacher's backbone is the one evaluated.
+method.dino.out_dim prototypes, which takes no update during the first
+`freeze_last_layer_epochs` (its gradient is dropped after backward, as DINO does). The teacher's
+backbone is the one evaluated.
 
 Collapse is watched: the stats hold the teacher's mean entropy and the KL between teacher and
 student; a KL near 0 means both collapsed to the same (uniform or one-hot) output.
@@ -88,6 +90,7 @@ class DINO(Method):
         # Scheduled, set by before_step: a buffer (not a float attribute) so torch.compile does not recompile.
         self.register_buffer("teacher_temperature", torch.tensor(s.teacher_temperature_start), persistent=False)
         self.pending_center = None
+        self.last_layer_frozen = False
 
     @classmethod
     def default_views(cls, cfg: Config):
@@ -118,6 +121,11 @@ class DINO(Method):
     def before_step(self, step: int) -> None:
         self.momentum = cosine_momentum(self.base_momentum, step, self.total_steps)
         self.teacher_temperature.fill_(self.teacher_temperature_at(step))
+        self.last_layer_frozen = step < self.settings.freeze_last_layer_epochs * self.steps_per_epoch
+
+    def before_optimizer_step(self) -> None:
+        if self.last_layer_frozen:      # no gradient: the optimiser leaves the layer (and its momentum) alone
+            self.head.last_layer.weight.grad = None
 
     def forward(self, views: Views) -> Output:
         # The backbone runs once per view size; the head once over every view's features.

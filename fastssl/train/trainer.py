@@ -410,6 +410,7 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if scaler is not None:
         scaler.scale(loss).backward()
+        method.before_optimizer_step()
         if grad_clip:
             scaler.unscale_(optimizer)
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
@@ -419,6 +420,7 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
             method.after_step()
     elif math.isfinite(value):
         loss.backward()
+        method.before_optimizer_step()
         if grad_clip:
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
         optimizer.step()
