@@ -72,8 +72,9 @@ class AugmentConfig:
     """`kornia` (the reference), `fused` (Triton kernels, CUDA) or `auto` (fused on CUDA, kornia elsewhere)."""
     views: List[Dict[str, Any]] = field(default_factory=list)
     """Per-view overrides of this section, one mapping per view, e.g. BYOL's asymmetric recipe
-    `[{blur_p: 1.0, solarize_p: 0.0}, {blur_p: 0.1, solarize_p: 0.2}]`; empty: two views with this
-    section's settings. The loader cuts the crops, so size/crop_scale/crop_ratio are shared."""
+    `[{blur_p: 1.0, solarize_p: 0.0}, {blur_p: 0.1, solarize_p: 0.2}]`, `copies: k` for k alike
+    views; a view's size/crop_scale/crop_ratio are the crop the loader cuts for it (multi-crop).
+    Empty: the method's own views (two with this section's settings, unless the method says otherwise)."""
 
 
 @dataclass
@@ -435,11 +436,8 @@ def load_config(path: Union[str, Path, None] = None, overrides: Union[List[str],
     for key, value in values.items():
         if key not in kinds:
             raise _unknown_key(key, kinds)
-        *path, name = key.split(".")
-        section = cfg
-        for part in path:
-            section = getattr(section, part)
-        setattr(section, name, _coerce(key, value, kinds[key]))
+        section, _, name = key.rpartition(".")
+        setattr(get(cfg, section), name, _coerce(key, value, kinds[key]))
     validate(cfg)
     return cfg
 

@@ -41,8 +41,9 @@ def trained_backbone(cfg: Config, state) -> torch.nn.Module:
     return model.eval_backbone()
 
 
-def backbone_on(cfg: Config, state, device) -> torch.nn.Module:
-    return trained_backbone(cfg, state).to(device).to(memory_format=torch.channels_last).eval()
+def on_device(backbone: torch.nn.Module, device) -> torch.nn.Module:
+    """A backbone ready for feature extraction: on `device`, channels_last, in eval mode."""
+    return backbone.to(device).to(memory_format=torch.channels_last).eval()
 
 
 def eval_loaders(cfg: Config, device):
@@ -69,11 +70,12 @@ def knn_top1(cfg: Config, backbone, loaders) -> float:
 
 
 def eval_knn(cfg: Config, state, device) -> Dict[str, float]:
-    return {"knn_top1": knn_top1(cfg, backbone_on(cfg, state, device), eval_loaders(cfg, device))}
+    return {"knn_top1": knn_top1(cfg, on_device(trained_backbone(cfg, state), device), eval_loaders(cfg, device))}
 
 
 def eval_linear(cfg: Config, state, device) -> Dict[str, float]:
-    train_f, train_y, val_f, val_y = features(cfg, backbone_on(cfg, state, device), eval_loaders(cfg, device), False)
+    train_f, train_y, val_f, val_y = features(cfg, on_device(trained_backbone(cfg, state), device), eval_loaders(cfg, device),
+                                              False)
     e = cfg.eval
     return linear_probe(train_f, train_y, val_f, val_y, epochs=e.linear_epochs, lr=e.linear_lr,
                         batch_size=e.linear_batch_size, weight_decay=e.linear_weight_decay, seed=cfg.train.seed)

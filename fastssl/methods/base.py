@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastssl.config import Config, ConfigError
-from fastssl.models import build_backbone
+from fastssl.models import build_backbone, projection_mlp
 
 # A healthy embedding spreads over its D dimensions: the std of the L2-normalised outputs is about
 # 1/sqrt(D) (SimSiam, Sec. 4.1). Below this fraction of that, the outputs have collapsed.
@@ -62,6 +62,11 @@ class Method(nn.Module):
         if views[0].size != views[1].size:
             raise ConfigError(f"augment.views: method {cls.name} takes 2 views of the same size, got "
                               f"{views[0].size} and {views[1].size} px")
+
+    def new_projector(self, cfg: Config, last_bn: bool = False) -> nn.Sequential:
+        """The projection MLP shared by the methods (model.proj_*) on the backbone's features."""
+        m = cfg.model
+        return projection_mlp(self.feature_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers, last_bn=last_bn)
 
     def set_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
         """The run's length, for the schedules of `before_step` (the trainer calls this once)."""

@@ -11,7 +11,6 @@ from fastssl.augment.multiview import RECIPES
 from fastssl.config import Config
 from fastssl.methods.base import (Method, Output, Views, cosine_momentum, ema_update, momentum_teacher,
                                   output_std, predictor_mlp)
-from fastssl.models import projection_mlp
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -24,9 +23,9 @@ class BYOL(Method):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        m, s = cfg.model, cfg.method.byol
-        self.projector = projection_mlp(self.feature_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers)
-        self.predictor = predictor_mlp(m.proj_dim, s.pred_hidden_dim)
+        s = cfg.method.byol
+        self.projector = self.new_projector(cfg)
+        self.predictor = predictor_mlp(cfg.model.proj_dim, s.pred_hidden_dim)
         self.target_backbone, self.target_projector = momentum_teacher(self.backbone), momentum_teacher(self.projector)
         self.base_momentum = self.momentum = s.momentum
 

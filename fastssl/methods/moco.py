@@ -23,7 +23,6 @@ from fastssl.losses import info_nce_rows_cols
 from fastssl.losses.distributed import gather_with_grad, world_size
 from fastssl.methods.base import (Method, Output, Views, cosine_momentum, ema_update, momentum_teacher,
                                   output_std, predictor_mlp)
-from fastssl.models import projection_mlp
 
 
 def global_keys(k: torch.Tensor) -> torch.Tensor:
@@ -43,8 +42,7 @@ class MoCo(Method):
 
     def __init__(self, cfg: Config, settings, last_bn: bool):
         super().__init__(cfg)
-        m = cfg.model
-        self.projector = projection_mlp(self.feature_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers, last_bn=last_bn)
+        self.projector = self.new_projector(cfg, last_bn=last_bn)
         self.key_backbone, self.key_projector = momentum_teacher(self.backbone), momentum_teacher(self.projector)
         self.temperature, self.loss_backend = settings.temperature, cfg.loss.backend
         self.base_momentum = self.momentum = settings.momentum

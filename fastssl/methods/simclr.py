@@ -4,7 +4,6 @@ import torch
 from fastssl.config import Config
 from fastssl.losses import info_nce
 from fastssl.methods.base import Method, Output, Views, output_std
-from fastssl.models import projection_mlp
 
 
 class SimCLR(Method):
@@ -12,8 +11,7 @@ class SimCLR(Method):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        m = cfg.model
-        self.projector = projection_mlp(self.feature_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers)
+        self.projector = self.new_projector(cfg)
         self.temperature, self.loss_backend = cfg.method.simclr.temperature, cfg.loss.backend
 
     def forward(self, views: Views) -> Output:

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from fastssl.config import Config
 from fastssl.methods.base import Method, Output, Views, output_std, predictor_mlp
-from fastssl.models import projection_mlp
 
 
 class SimSiam(Method):
@@ -16,9 +15,8 @@ class SimSiam(Method):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        m = cfg.model
-        self.projector = projection_mlp(self.feature_dim, m.proj_hidden_dim, m.proj_dim, m.proj_layers, last_bn=True)
-        self.predictor = predictor_mlp(m.proj_dim, cfg.method.simsiam.pred_hidden_dim)
+        self.projector = self.new_projector(cfg, last_bn=True)
+        self.predictor = predictor_mlp(cfg.model.proj_dim, cfg.method.simsiam.pred_hidden_dim)
 
     def forward(self, views: Views) -> Output:
         z = self.projector(self.backbone(torch.cat(views)))

@@ -27,7 +27,7 @@ import torch
 
 from fastssl.config import Config, ConfigError, save_config, to_dict
 from fastssl.data import build_loader, resolve_paths
-from fastssl.eval.commands import eval_loaders, knn_top1
+from fastssl.eval.commands import eval_loaders, knn_top1, on_device
 from fastssl.methods import Method, build_augment, build_method, view_crops
 from fastssl.optim import build_optimizer, lr_at, scaled_lr
 from fastssl.train.checkpoint import find_and_load, rng_state, save_checkpoint, save_last, set_rng_state
@@ -380,8 +380,8 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
     """Augment the views, forward, backward, optimiser step, the method's own updates (after_step).
     Returns (loss value, stats).
 
-    A non-finite loss skips the update (and the method's after_step) (the gradient scaler skips it with fp16) and is returned
-    as it is, for the caller to count. With `shard=(rank, world)` the views are this rank's rows
+    A non-finite loss skips the update and the method's after_step (with fp16 the gradient scaler
+    skips the update) and is returned as it is, for the caller to count. With `shard=(rank, world)` the views are this rank's rows
     of the global batch: their augmentation parameters are rows [rank*n, (rank+1)*n) of those
     drawn for the whole global batch, and the returned loss is the mean over ranks. `grad_clip` > 0
     clips the global gradient norm (reported as stats['grad_norm'], before clipping).
@@ -442,6 +442,5 @@ def evaluate(cfg: Config, model: Method, val_dir, device, random_init: bool = Tr
     if not random_init:
         return {"knn_top1": trained}
     with torch.random.fork_rng(devices=[]):      # build_method seeds the global RNG
-        initial = build_method(cfg).eval_backbone()
-        baseline = knn_top1(cfg, initial.to(device).to(memory_format=torch.channels_last), loaders)
+        baseline = knn_top1(cfg, on_device(build_method(cfg).eval_backbone(), device), loaders)
     return {"knn_top1": trained, "knn_top1_random_init": baseline}
