@@ -10,6 +10,8 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     results = train(cfg)
     if results:
+        for line in results.get("pretext", []):
+            print(line)
         print(f"kNN top-1: {cfg.method.name}={results['knn_top1']:.1f}% random-init={results['knn_top1_random_init']:.1f}%")
     return 0
 
@@ -20,12 +22,17 @@ def _device(cfg):
 
 
 def cmd_eval(args) -> int:
-    from fastssl.eval.commands import eval_knn, eval_linear, load_for_eval
+    from fastssl.eval.commands import eval_knn, eval_linear, eval_pretext, load_for_eval
     cfg, state = load_for_eval(args.checkpoint, args.config, args.overrides)
     if args.protocol == "knn":
         r = eval_knn(cfg, state, _device(cfg))
         print(f"kNN top-1: {r['knn_top1']:.1f}% (k={cfg.eval.knn_k}, t={cfg.eval.knn_temperature:g}, "
               f"epoch {state['epoch']}, step {state['step']})")
+    elif args.protocol == "pretext":
+        lines = eval_pretext(cfg, state, _device(cfg))
+        if not lines:
+            raise ValueError(f"method {cfg.method.name} has no pretext task to evaluate (use knn or linear)")
+        print("\n".join(lines))
     else:
         r = eval_linear(cfg, state, _device(cfg))
         print(f"linear top-1: {r['top1']:.1f}% top-5: {r['top5']:.1f}% (train top-1 {r['train_top1']:.1f}%, "
@@ -36,7 +43,10 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from fastssl.eval.commands import export_backbone, load_for_eval
     cfg, state = load_for_eval(args.checkpoint, args.config, args.overrides)
-    out = export_backbone(cfg, state, args.out)
+    out, note = export_backbone(cfg, state, args.out)
+    if note:
+        print(f"wrote {out}: {note}")
+        return 0
     fix = "model.fc = torch.nn.Identity()"
     if cfg.model.stem == "small":
         fix += ("; model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
@@ -46,10 +56,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from fastssl.show import write_show
+    state = None
+    if args.checkpoint:
+        from fastssl.eval.commands import load_for_eval
+        cfg, state = load_for_eval(args.checkpoint, args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    out = write_show(cfg, args.out, state, args.count)
+    print(f"wrote {out}: {args.count} training images of method {cfg.method.name} as the model receives them")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastssl", description="Fast self-supervised learning for vision.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="pre-train (method.name: simclr, moco_v2, moco_v3, byol, simsiam, dino), then evaluate by kNN",
+    p_train = sub.add_parser("train", help="pre-train (method.name: simclr, moco_v2, ..., dino, rotation, jigsaw, ...), then evaluate by kNN",
                              description="Pre-train, checkpoint every epoch, then print "
                                          "'kNN top-1: <method>=NN.N%% random-init=NN.N%%'.")
     p_train.add_argument("--config", help="YAML config file (see configs/)")
@@ -68,11 +91,20 @@ def main(argv=None) -> int:
     checkpoint_args(p_knn)
     p_lin = eval_sub.add_parser("linear", help="linear probe on frozen features: top-1 and top-5 (eval.linear_*)")
     checkpoint_args(p_lin)
+    p_pre = eval_sub.add_parser("pretext", help="a pretext task's held-out accuracy or error on the val split")
+    checkpoint_args(p_pre)
     p_eval.set_defaults(func=cmd_eval)
     p_export = sub.add_parser("export", help="write the backbone as a torchvision-loadable state dict")
     checkpoint_args(p_export)
     p_export.add_argument("--out", required=True, help="output file, e.g. backbone.pt")
     p_export.set_defaults(func=cmd_export)
+    p_show = sub.add_parser("show", help="write a PNG of a training batch as the model receives it")
+    p_show.add_argument("--config", help="YAML config file (default: the checkpoint's, else the defaults)")
+    p_show.add_argument("--checkpoint", help="show the predictions of this checkpoint's model (pretext tasks)")
+    p_show.add_argument("--out", required=True, help="output PNG, e.g. views.png")
+    p_show.add_argument("--count", type=int, default=8, help="images to show (default 8)")
+    p_show.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method.name=jigsaw")
+    p_show.set_defaults(func=cmd_show)
     args = parser.parse_args(argv)
     if getattr(args, "help_config", False):
         print(describe())

@@ -176,17 +176,122 @@ class DINOSettings:
     """Crop area range of the local views."""
 
 
+# Pretext tasks (hand-crafted pseudo-labels; fastssl/methods/pretext.py). Sizes of gaps and jitter
+# are fractions of a grid cell, so one setting serves every image size.
+
+@dataclass
+class RotationSettings:
+    hidden_dim: int = 512
+    """Hidden width of the 4-way rotation classifier on the pooled features (0: linear)."""
+
+
+@dataclass
+class JigsawSettings:
+    permutations: int = 1000
+    """Size of the permutation set (the classes), chosen for maximal minimum Hamming distance
+    (Noroozi & Favaro: 100-1000; 1000 was their best)."""
+    permutation_seed: int = 0
+    """Seed of the deterministic permutation-set selection (the set is saved in the checkpoint)."""
+    gap: float = 0.1
+    """Smallest gap between neighbouring tiles, as a fraction of the cell (at least 1 px)."""
+    jitter: float = 0.1
+    """Largest random shift of a tile inside its cell, as a fraction of the cell (at least 1 px)."""
+    input_size: int = 0
+    """Side the view is resized to before it is cut into 3x3 tiles (0: augment.size)."""
+    hidden_dim: int = 512
+    """Hidden width of the classifier over the 9 concatenated tile features (0: linear)."""
+
+
+@dataclass
+class RelativePositionSettings:
+    gap: float = 0.3
+    """Smallest gap between the centre patch and its neighbour, as a fraction of the cell
+    (Doersch et al.: half a patch)."""
+    jitter: float = 0.1
+    """Largest random shift of each patch inside its cell, as a fraction of the cell."""
+    input_size: int = 0
+    """Side the view is resized to before the 3x3 grid is laid on it (0: augment.size)."""
+    chroma: str = "project"
+    """Guard against chromatic aberration: `project` (remove the green-magenta component),
+    `drop` (keep one random channel, noise in the other two) or `none`."""
+    hidden_dim: int = 512
+    """Hidden width of the 8-way classifier over the pair's concatenated features (0: linear)."""
+
+
+@dataclass
+class ColorizationSettings:
+    grid: int = 10
+    """Side of the ab quantisation cells (10: the 268 cells the sRGB gamut reaches; Zhang et al. count 313)."""
+    neighbours: int = 5
+    """Soft-encoding of the ab target over this many nearest bins."""
+    sigma: float = 5.0
+    """Gaussian width of the soft encoding and of the prior's smoothing, in ab units."""
+    rebalance_lambda: float = 0.5
+    """Class rebalancing: weights 1 / ((1 - lambda) p_smoothed + lambda / Q); 1 disables it."""
+    annealed_temperature: float = 0.38
+    """Temperature of the annealed mean that decodes the predicted distribution into ab."""
+    output_stride: int = 4
+    """The ab distribution is predicted at 1/output_stride of the input side (Zhang et al.: 4)."""
+
+
+@dataclass
+class InpaintingSettings:
+    mask: str = "center"
+    """`center` (one square of mask_fraction of the side) or `blocks` (random squares, Pathak et al.)."""
+    mask_fraction: float = 0.5
+    """Side of the masked centre square as a fraction of the image side (blocks: half of it each)."""
+    blocks: int = 4
+    """Number of random blocks with mask=blocks."""
+
+
+@dataclass
+class SplitBrainSettings:
+    grid: int = 10
+    """Side of the ab quantisation cells: the L network classifies ab into the in-gamut bins."""
+    l_bins: int = 50
+    """The ab network classifies L (0-100) into this many bins."""
+    output_stride: int = 4
+    """Both halves predict at 1/output_stride of the input side."""
+
+
+@dataclass
+class SuperResolutionSettings:
+    scale: int = 4
+    """Downsampling factor of the input (the network restores the full resolution)."""
+    adversarial_weight: float = 0.0
+    """Weight of an adversarial term from a patch discriminator (0: reconstruction loss only)."""
+
+
+@dataclass
+class MultitaskSettings:
+    tasks: List[str] = field(default_factory=lambda: ["rotation", "jigsaw", "colorization"])
+    """Pretext tasks sharing the backbone, one head each (each reads its own section above)."""
+    weights: List[float] = field(default_factory=list)
+    """Loss weight per task (empty: 1 each)."""
+    mode: str = "sum"
+    """`sum` (every task every step, weighted sum) or `alternate` (one task per step, in turn)."""
+
+
 @dataclass
 class MethodConfig:
     name: str = "simclr"
-    """The self-supervised method: simclr, moco_v2, moco_v3, byol, simsiam or dino (each has a
-    section below with its own settings)."""
+    """The self-supervised method: simclr, moco_v2, moco_v3, byol, simsiam, dino, or a pretext
+    task: rotation, jigsaw, relative_position, colorization, inpainting, split_brain,
+    super_resolution, multitask (each has a section below with its own settings)."""
     simclr: SimCLRSettings = field(default_factory=SimCLRSettings)
     moco_v2: MoCoV2Settings = field(default_factory=MoCoV2Settings)
     moco_v3: MoCoV3Settings = field(default_factory=MoCoV3Settings)
     byol: BYOLSettings = field(default_factory=BYOLSettings)
     simsiam: SimSiamSettings = field(default_factory=SimSiamSettings)
     dino: DINOSettings = field(default_factory=DINOSettings)
+    rotation: RotationSettings = field(default_factory=RotationSettings)
+    jigsaw: JigsawSettings = field(default_factory=JigsawSettings)
+    relative_position: RelativePositionSettings = field(default_factory=RelativePositionSettings)
+    colorization: ColorizationSettings = field(default_factory=ColorizationSettings)
+    inpainting: InpaintingSettings = field(default_factory=InpaintingSettings)
+    split_brain: SplitBrainSettings = field(default_factory=SplitBrainSettings)
+    super_resolution: SuperResolutionSettings = field(default_factory=SuperResolutionSettings)
+    multitask: MultitaskSettings = field(default_factory=MultitaskSettings)
 
 
 @dataclass
@@ -457,6 +562,9 @@ CHOICES = {
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.impl": ("foreach", "reference", "apex"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
+    "method.relative_position.chroma": ("project", "drop", "none"),
+    "method.inpainting.mask": ("center", "blocks"),
+    "method.multitask.mode": ("sum", "alternate"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
 }
 POSITIVE = ("data.embedded_train_per_class", "data.embedded_val_per_class", "data.embedded_image_size",
@@ -467,7 +575,11 @@ POSITIVE = ("data.embedded_train_per_class", "data.embedded_val_per_class", "dat
             "method.moco_v2.queue_size", "method.moco_v3.temperature", "method.moco_v3.pred_hidden_dim",
             "method.byol.pred_hidden_dim", "method.simsiam.pred_hidden_dim", "method.dino.out_dim",
             "method.dino.student_temperature", "method.dino.teacher_temperature",
-            "method.dino.teacher_temperature_start", "method.dino.local_size")
+            "method.dino.teacher_temperature_start", "method.dino.local_size", "method.jigsaw.permutations",
+            "method.colorization.grid", "method.colorization.neighbours", "method.colorization.sigma",
+            "method.colorization.annealed_temperature", "method.colorization.output_stride",
+            "method.inpainting.mask_fraction", "method.inpainting.blocks", "method.split_brain.grid",
+            "method.split_brain.l_bins", "method.split_brain.output_stride", "method.super_resolution.scale")
 # EMA momenta: 0 copies the student every step, 1 freezes the teacher.
 MOMENTA = ("method.moco_v2.momentum", "method.moco_v3.momentum", "method.byol.momentum", "method.dino.momentum",
            "method.dino.center_momentum")
@@ -512,11 +624,24 @@ def validate(cfg: Config) -> None:
                 "train.grad_clip", "optim.weight_decay", "optim.momentum",
                 "optim.warmup_epochs", "run.keep_checkpoints", "augment.jitter_strength",
                 "method.dino.local_crops", "method.dino.teacher_temperature_warmup_epochs",
-                "method.dino.freeze_last_layer_epochs"):
+                "method.dino.freeze_last_layer_epochs", "method.rotation.hidden_dim", "method.jigsaw.hidden_dim",
+                "method.jigsaw.input_size", "method.relative_position.hidden_dim",
+                "method.relative_position.input_size", "method.super_resolution.adversarial_weight"):
         if get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(cfg, key)!r}")
     if len(cfg.augment.mean) != 3 or len(cfg.augment.std) != 3 or min(cfg.augment.std) <= 0:
         raise ConfigError("augment.mean / augment.std: need 3 values each, std > 0")
+    # Gap and jitter together take less than the cell, leaving the tile its side.
+    for key in ("method.jigsaw.gap", "method.jigsaw.jitter", "method.relative_position.gap",
+                "method.relative_position.jitter"):
+        if not 0.0 < get(cfg, key) < 0.5:
+            raise ConfigError(f"{key}: a fraction of the cell in (0, 0.5), got {get(cfg, key)!r} (0 would "
+                              "open the edge or alignment shortcut)")
+    for key in ("method.colorization.rebalance_lambda", "method.inpainting.mask_fraction"):
+        if not 0.0 <= get(cfg, key) <= 1.0:
+            raise ConfigError(f"{key}: must lie in [0, 1], got {get(cfg, key)!r}")
+    if not 2 <= cfg.method.jigsaw.permutations <= 362880:
+        raise ConfigError(f"method.jigsaw.permutations: between 2 and 9! = 362880, got {cfg.method.jigsaw.permutations}")
 
 
 def to_dict(cfg: Config) -> Dict[str, Any]:

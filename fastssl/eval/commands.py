@@ -1,4 +1,4 @@
-"""`fastssl eval knn|linear` and `fastssl export`: evaluate or export a pre-training checkpoint.
+"""`fastssl eval knn|linear|pretext` and `fastssl export`: evaluate or export a pre-training checkpoint.
 
 The model is rebuilt from the config saved in the checkpoint (or from `--config`), with
 `key=value` overrides on top (e.g. `data.val=...`, `eval.linear_epochs=...`).
@@ -14,6 +14,7 @@ from fastssl.data import build_loader, resolve_paths
 from fastssl.eval.knn import extract_features, knn_accuracy
 from fastssl.eval.linear import linear_probe
 from fastssl.methods import build_method
+from fastssl.methods.pretext import EVAL_SEED
 
 
 def load_for_eval(checkpoint, config: Optional[str] = None, overrides: Optional[List[str]] = None):
@@ -81,13 +82,45 @@ def eval_linear(cfg: Config, state, device) -> Dict[str, float]:
                         batch_size=e.linear_batch_size, weight_decay=e.linear_weight_decay, seed=cfg.train.seed)
 
 
-def export_backbone(cfg: Config, state, out) -> Path:
-    """The backbone's state dict (no `fc`): it loads with strict=True into torchvision's ResNet of
-    the same name once its `fc` is `torch.nn.Identity()` (and, for `model.stem=small`, its conv1
-    is a 3x3 stride-1 conv without bias and its maxpool an Identity). The backbone is the one the
-    method evaluates (DINO: the teacher's)."""
-    backbone = {k: v.detach().clone().contiguous() for k, v in trained_backbone(cfg, state).state_dict().items()}
+def pretext_lines(method, loader) -> List[str]:
+    """Each pretext task's held-out line (`pretext <task> val ...`) over `loader`'s centre views;
+    the tasks' random draws come from a fixed seed, so every evaluation poses the same puzzles.
+    Empty for methods without a pretext task."""
+    pairs = method.pretext_tasks()
+    if not pairs:
+        return []
+    was_training = method.training
+    method.eval()
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    totals = [{} for _ in pairs]
+    with torch.no_grad():
+        for views, _, _ in loader:
+            images = views[0].float() / 255.0
+            for (task, backbone), total in zip(pairs, totals):
+                for key, value in task.evaluate(backbone, images, generator).items():
+                    total[key] = total.get(key, 0) + value
+    method.train(was_training)
+    return [task.report(total) for (task, _), total in zip(pairs, totals)]
+
+
+def eval_pretext(cfg: Config, state, device) -> List[str]:
+    method = build_method(cfg)
+    method.load_state_dict(state["model"])
+    return pretext_lines(method.to(device), eval_loaders(cfg, device)[1])
+
+
+def export_backbone(cfg: Config, state, out) -> Tuple[Path, Optional[str]]:
+    """(path, input note): the backbone's state dict (no `fc`): it loads with strict=True into
+    torchvision's ResNet of the same name once its `fc` is `torch.nn.Identity()` (and, for
+    `model.stem=small`, its conv1 is a 3x3 stride-1 conv without bias and its maxpool an
+    Identity). The backbone is the one the method evaluates (DINO: the teacher's). Where the
+    evaluated network converts its input first (colourisation: RGB -> L; split-brain: two
+    ResNets on L and ab), the note says what the exported weights expect."""
+    evaluated = trained_backbone(cfg, state)
+    note = getattr(evaluated, "input_note", None)
+    network = getattr(evaluated, "net", evaluated)      # LightnessInput wraps a plain ResNet
+    backbone = {k: v.detach().clone().contiguous() for k, v in network.state_dict().items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(backbone, out)
-    return out
+    return out, note

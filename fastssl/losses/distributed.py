@@ -26,6 +26,12 @@ def world_size(group=None) -> int:
     return 1
 
 
+def rank(group=None) -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group)
+    return 0
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):

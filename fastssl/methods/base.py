@@ -45,8 +45,12 @@ class Method(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.backbone, self.feature_dim = build_backbone(cfg.model.backbone, cfg.model.stem)
+        self.backbone, self.feature_dim = self.new_backbone(cfg)
         self.steps_per_epoch, self.total_steps = 1, 1
+
+    def new_backbone(self, cfg: Config) -> Tuple[nn.Module, int]:
+        """(backbone, feature dimension): the configured ResNet (split-brain has two)."""
+        return build_backbone(cfg.model.backbone, cfg.model.stem)
 
     @classmethod
     def default_views(cls, cfg: Config) -> List[dict]:
@@ -85,6 +89,10 @@ class Method(nn.Module):
     def eval_backbone(self) -> nn.Module:
         """The backbone whose features are evaluated and exported."""
         return self.backbone
+
+    def pretext_tasks(self) -> list:
+        """(task, backbone) pairs whose held-out metric is reported (pretext tasks); none here."""
+        return []
 
     def collapse_warning(self, stats: Dict[str, float]) -> Optional[str]:
         """A message when the stats show a collapse (logged by the trainer), else None."""

@@ -27,7 +27,7 @@ import torch
 
 from fastssl.config import Config, ConfigError, save_config, to_dict
 from fastssl.data import build_loader, resolve_paths
-from fastssl.eval.commands import eval_loaders, knn_top1, on_device
+from fastssl.eval.commands import eval_loaders, knn_top1, on_device, pretext_lines
 from fastssl.methods import Method, build_augment, build_method, view_crops
 from fastssl.optim import build_optimizer, lr_at, scaled_lr
 from fastssl.train.checkpoint import find_and_load, rng_state, save_checkpoint, save_last, set_rng_state
@@ -435,12 +435,15 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
 
 def evaluate(cfg: Config, model: Method, val_dir, device, random_init: bool = True) -> Dict[str, float]:
     """kNN top-1 of the trained method's evaluated backbone and (unless `random_init=False`) of
-    the same architecture at its random initialisation."""
+    the same architecture at its random initialisation, and the pretext tasks' held-out lines."""
     loaders = eval_loaders(cfg, device)
     log.info("kNN evaluation (k=%d, t=%g) on %s", cfg.eval.knn_k, cfg.eval.knn_temperature, val_dir)
     trained = knn_top1(cfg, model.eval_backbone(), loaders)
     if not random_init:
         return {"knn_top1": trained}
+    pretext = pretext_lines(model, loaders[1])
+    for line in pretext:
+        log.info(line)
     with torch.random.fork_rng(devices=[]):      # build_method seeds the global RNG
         baseline = knn_top1(cfg, on_device(build_method(cfg).eval_backbone(), device), loaders)
-    return {"knn_top1": trained, "knn_top1_random_init": baseline}
+    return {"knn_top1": trained, "knn_top1_random_init": baseline, **({"pretext": pretext} if pretext else {})}

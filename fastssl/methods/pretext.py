@@ -1,0 +1,157 @@
+"""Hand-crafted pretext tasks on the method interface.
+
+A pretext task makes its inputs and pseudo-labels from one plainly augmented view (crop and flip,
+no colour changes: colour is what some tasks predict), batched on the device, and trains a head
+on the backbone's features. The pieces:
+
+- `PretextTask` (an `nn.Module`: the task's head and buffers) says how the loss is computed from
+  the backbone and a batch of [0, 1] images, how it is evaluated on held-out images
+  (`evaluate` -> summed counts, `report` -> the `pretext <task> val ...` line), and what a batch
+  looks like to the model (`show`).
+- `PretextMethod` (a `Method`) owns the backbone and one task; `multitask.py` owns several.
+
+Random draws (which permutation, which jitter) come from a generator seeded by (train.seed,
+step, rank), so a resumed run draws what the uninterrupted one would have; evaluation draws from
+a fixed seed, so every evaluation of a checkpoint sees the same puzzles.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastssl.config import Config, ConfigError
+from fastssl.losses.distributed import rank as process_rank
+from fastssl.methods.base import Method, Output, Views
+
+# Crop and flip only: colour jitter and grayscale would corrupt the colour targets, blur the
+# reconstruction targets.
+PLAIN_VIEW = {"jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}
+EVAL_SEED = 12345
+
+Row = Tuple[str, torch.Tensor, Optional[List[str]]]   # (title, (K, 3, h, w) images in [0, 1], captions)
+
+
+class Normalizer(nn.Module):
+    """[0, 1] RGB <-> the backbone's input (augment.mean / augment.std), as the views are normalised."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return (x01 - self.mean) / self.std
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * self.std + self.mean).clamp(0, 1)
+
+
+def classifier(in_dim: int, hidden_dim: int, classes: int) -> nn.Sequential:
+    """Linear (hidden_dim 0) or Linear-BN-ReLU-Linear over pooled features."""
+    if not hidden_dim:
+        return nn.Sequential(nn.Linear(in_dim, classes))
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, classes))
+
+
+class DenseHead(nn.Module):
+    """A decoder from the backbone's last feature map to `out_channels` maps of side `out_size`:
+    1x1 reduction, then (bilinear x2 upsampling, 3x3 conv-BN-ReLU) until the side is reached, a
+    last 1x1 conv. Light on purpose: the backbone, not the decoder, should learn the features."""
+
+    def __init__(self, in_dim: int, out_channels: int, width: int = 128):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(in_dim, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.refine = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                    nn.ReLU(inplace=True))
+        self.out = nn.Conv2d(width, out_channels, 1)
+
+    def forward(self, fmap: torch.Tensor, out_size: int) -> torch.Tensor:
+        x = self.reduce(fmap)
+        while x.shape[-1] < out_size:
+            x = self.refine(F.interpolate(x, size=min(out_size, 2 * x.shape[-1]), mode="bilinear", align_corners=False))
+        if x.shape[-1] != out_size:
+            x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+        return self.out(x)
+
+
+def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last convolutional feature map of a torchvision ResNet (before pooling): (N, D, h, w)."""
+    b = backbone
+    x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+    return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+
+
+def accuracy_line(task: str, correct: float, count: float, chance: float) -> str:
+    return f"pretext {task} val accuracy: {100 * correct / max(count, 1):.1f}% (chance {100 * chance:.1f}%)"
+
+
+class PretextTask(nn.Module):
+    """One pretext task: its head, its loss, its held-out metric and its picture."""
+
+    name = ""
+
+    def __init__(self, cfg: Config, feature_dim: int):
+        super().__init__()
+        self.normalize = Normalizer(cfg.augment.mean, cfg.augment.std)
+
+    def forward(self, backbone: nn.Module, images: torch.Tensor, generator: torch.Generator) -> Output:
+        """(loss, stats) from a batch of (N, 3, S, S) images in [0, 1]."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, backbone: nn.Module, images: torch.Tensor, generator: torch.Generator) -> Dict[str, float]:
+        """Sums over a held-out batch (e.g. {'correct', 'count'}) that `report` turns into the line."""
+        raise NotImplementedError
+
+    def report(self, sums: Dict[str, float]) -> str:
+        """`pretext <task> val <metric>: value (baseline)`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def show(self, backbone: nn.Module, images: torch.Tensor, generator: torch.Generator) -> List[Row]:
+        """Rows of pictures: the batch as the model receives it, with labels or predictions."""
+        raise NotImplementedError
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of a training step's pretext draws, distinct per rank (each rank's images differ)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + (3 << 40) + process_rank() * (1 << 32))
+
+
+class PretextMethod(Method):
+    """The backbone and its pretext task (`task_class`, set by each task's file; multitask.py has several)."""
+
+    task_class = PretextTask
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.tasks = nn.ModuleDict(self.build_tasks(cfg))
+        self.seed, self.step = cfg.train.seed, 0
+
+    def build_tasks(self, cfg: Config) -> Dict[str, PretextTask]:
+        return {self.task_class.name: self.task_class(cfg, self.feature_dim)}
+
+    @classmethod
+    def default_views(cls, cfg: Config) -> List[dict]:
+        return [dict(PLAIN_VIEW)]
+
+    @classmethod
+    def check_views(cls, views: Sequence) -> None:
+        if len(views) != 1:
+            raise ConfigError(f"augment.views: pretext task {cls.name} takes exactly 1 view, got {len(views)}")
+
+    def before_step(self, step: int) -> None:
+        self.step = step
+
+    def images(self, views: Views) -> torch.Tensor:
+        """The view back in [0, 1] RGB (each task builds its own inputs from it)."""
+        return next(iter(self.tasks.values())).normalize.inverse(views[0])
+
+    def forward(self, views: Views) -> Output:
+        (task,) = self.tasks.values()
+        return task(self.backbone, self.images(views), step_generator(self.seed, self.step))
+
+    def pretext_tasks(self) -> List[Tuple[PretextTask, nn.Module]]:
+        return [(task, self.backbone) for task in self.tasks.values()]
