@@ -75,3 +75,22 @@ for px in 32 96; do
             | grep -E "kNN top-1|img/s" | tail -2 | tee -a benchmarks/results/logs/methods_gpu.log
     done
 done
+
+# ------------------------------------------------------- stage: pretext tasks (same data, same budget)
+# 1. correctness on the GPU: the batched pretext ops against their per-image references, Lab on
+#    the device, every task's unit and resume tests.
+env -u TRITON_INTERPRET "$PY" -m pytest tests/test_pretext_color.py tests/test_pretext_patches.py \
+    tests/test_pretext_methods.py -q -rs 2>&1 | tee benchmarks/results/logs/test_pretext_gpu.log
+# 2. every task with the demo's settings (its per_method section included) for 20 epochs at
+#    32 and 96 px: the pretext line, kNN top-1 and images/s of each run in
+#    benchmarks/results/logs/pretext_gpu.log.
+for px in 32 96; do
+    for method in rotation jigsaw relative_position colorization inpainting split_brain super_resolution multitask; do
+        echo "== $method ${px}px" | tee -a benchmarks/results/logs/pretext_gpu.log
+        "$PY" -m fastssl train --config configs/demo.yaml method.name=$method train.device=cuda \
+            data.embedded_train_per_class=2000 data.embedded_val_per_class=200 data.embedded_image_size=$px \
+            augment.size=$px data.workers=8 train.epochs=20 train.batch_size=256 \
+            run.dir=runs/gpu_pretext/${method}_${px}px 2>&1 \
+            | grep -E "^pretext|kNN top-1|img/s" | tail -4 | tee -a benchmarks/results/logs/pretext_gpu.log
+    done
+done

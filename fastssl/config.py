@@ -1,6 +1,8 @@
 """Typed configuration: dataclasses are the schema, YAML supplies values, `key=value` overrides win.
 
-Precedence: command-line overrides > YAML file > the defaults below. An unknown key, a duplicated
+Precedence: command-line overrides > the YAML file's `per_method.<method.name>` section (settings
+for one method only, e.g. its optimiser in the shared demo file) > the rest of the YAML file > the
+defaults below. An unknown key, a duplicated
 YAML key or a value of the wrong type is an error that names the key (and suggests the closest
 valid one). Each field's docstring is the string literal right under it; `fastssl train
 --help-config` prints them.
@@ -517,8 +519,31 @@ def parse_overrides(items: List[str]) -> Dict[str, Any]:
     return out
 
 
+def _per_method_values(per_method: Any, name: str) -> Dict[str, Any]:
+    """The flat values of the file's `per_method.<name>` section: settings that apply only when
+    that method runs (e.g. an optimiser that suits it), over the rest of the file and under the
+    command-line overrides."""
+    if not isinstance(per_method, dict):
+        raise ConfigError(f"per_method: expected a mapping of method names to sections, got {per_method!r}")
+    unknown = sorted(set(per_method) - set(method_names()))
+    if unknown:
+        raise ConfigError(f"per_method.{unknown[0]}: not a method; choose from {', '.join(method_names())}")
+    section = per_method.get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"per_method.{name}: expected a mapping of sections, got {section!r}")
+    values = flatten(section)
+    kinds = _field_types()
+    for key in values:
+        if key not in kinds:
+            raise ConfigError(f"per_method.{name}: {_unknown_key(key, kinds)}")
+    if "method.name" in values:
+        raise ConfigError(f"per_method.{name}: cannot set method.name")
+    return values
+
+
 def load_config(path: Union[str, Path, None] = None, overrides: Union[List[str], Dict[str, Any], None] = None) -> Config:
-    """Defaults, then the YAML file at `path`, then `overrides` (strings `key=value` or a dict)."""
+    """Defaults, then the YAML file at `path` (with its `per_method.<method.name>` section over
+    the rest), then `overrides` (strings `key=value` or a dict)."""
     values: Dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -531,10 +556,14 @@ def load_config(path: Union[str, Path, None] = None, overrides: Union[List[str],
                 raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        per_method = tree.pop("per_method", None) or {}
         values.update(flatten(tree))
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    values.update(overrides or {})
+    overrides = overrides or {}
+    if path is not None and per_method:
+        values.update(_per_method_values(per_method, overrides.get("method.name", values.get("method.name", "simclr"))))
+    values.update(overrides)
 
     kinds = _field_types()
     cfg = Config()
@@ -641,7 +670,8 @@ def validate(cfg: Config) -> None:
         if not 0.0 <= get(cfg, key) <= 1.0:
             raise ConfigError(f"{key}: must lie in [0, 1], got {get(cfg, key)!r}")
     if not 2 <= cfg.method.jigsaw.permutations <= 362880:
-        raise ConfigError(f"method.jigsaw.permutations: between 2 and 9! = 362880, got {cfg.method.jigsaw.permutations}")
+        raise ConfigError("method.jigsaw.permutations: between 2 and 9! = 362880, "
+                          f"got {cfg.method.jigsaw.permutations}")
 
 
 def to_dict(cfg: Config) -> Dict[str, Any]:

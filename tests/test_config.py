@@ -109,3 +109,23 @@ def test_new_keys_validate_and_name_the_key():
                               ("eval.knn_every_epochs=-2", "eval.knn_every_epochs: must be >= 0")]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])
+
+
+def test_per_method_section_applies_to_its_method_only(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: {lr: 2.0}\nper_method:\n  rotation:\n    optim: {name: sgd, lr: 0.1}\n")
+    assert load_config(path).optim.lr == 2.0                                          # simclr: the file
+    rotation = load_config(path, ["method.name=rotation"]).optim
+    assert (rotation.name, rotation.lr) == ("sgd", 0.1)
+    assert load_config(path, ["method.name=rotation", "optim.lr=0.3"]).optim.lr == 0.3   # the command line wins
+    path.write_text("method: {name: rotation}\nper_method:\n  rotation:\n    optim: {lr: 0.1}\n")
+    assert load_config(path).optim.lr == 0.1                                          # the file's method.name
+    for text, message in [("per_method:\n  swav: {}\n", r"per_method.swav: not a method"),
+                          ("per_method:\n  simclr:\n    optim: {lrr: 1}\n",
+                           r"per_method.simclr: unknown config key 'optim.lrr'"),
+                          ("per_method:\n  simclr:\n    method: {name: byol}\n",
+                           r"per_method.simclr: cannot set method.name"),
+                          ("per_method: [1]\n", r"per_method: expected a mapping")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)

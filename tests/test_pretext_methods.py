@@ -229,7 +229,8 @@ def test_split_brain_halves_predict_each_other_independently(tiny_config):
     l_grads = torch.autograd.grad(F.cross_entropy(l_logits, l_target), list(net.l_net.parameters()), allow_unused=True)
     ab_grads = torch.autograd.grad(F.cross_entropy(ab_logits, ab_target), list(net.ab_net.parameters()),
                                    allow_unused=True)
-    assert all(g is None for g in l_grads + ab_grads)          # L's loss never reaches the L network, nor ab's the ab one
+    # L's loss never reaches the L network, nor ab's loss the ab network
+    assert all(g is None for g in l_grads + ab_grads)
 
 
 def test_super_resolution_adversarial_terms_train_their_own_side(tiny_config):
@@ -291,4 +292,5 @@ def test_export_of_wrapped_representations(tiny_config, tmp_path):
     cfg = task_config(tiny_config, "split_brain")
     out, note = export_backbone(cfg, {"model": build_method(cfg).state_dict()}, tmp_path / "s.pt")
     keys = torch.load(out)
-    assert "two ResNets" in note and keys["l_net.conv1.weight"].shape[1] == 1 and keys["ab_net.conv1.weight"].shape[1] == 2
+    assert "two ResNets" in note
+    assert keys["l_net.conv1.weight"].shape[1] == 1 and keys["ab_net.conv1.weight"].shape[1] == 2

@@ -76,5 +76,5 @@ def view_crops(augment: MultiViewAugment):
     return [ViewCrop(v.size, tuple(v.crop_scale), tuple(v.crop_ratio)) for v in augment.views]
 
 
-__all__ = ["BYOL", "DINO", "EMBEDDING_METHODS", "METHODS", "PRETEXT_METHODS", "Method", "MoCoV2", "MoCoV3", "PretextMethod", "SimCLR",
-           "SimSiam", "build_augment", "build_method", "method_class", "view_crops"]
+__all__ = ["BYOL", "DINO", "EMBEDDING_METHODS", "METHODS", "PRETEXT_METHODS", "Method", "MoCoV2", "MoCoV3",
+           "PretextMethod", "SimCLR", "SimSiam", "build_augment", "build_method", "method_class", "view_crops"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fastssl.config import Config
 from fastssl.methods.base import Output
-from fastssl.methods.pretext import DenseHead, Normalizer, PretextMethod, PretextTask, Row, feature_map
+from fastssl.methods.pretext import DenseHead, Normalizer, PretextMethod, PretextTask, Row, feature_maps
 from fastssl.pretext.color import ab_bins, bin_prior, colorize, decode_ab, encode_ab, rebalance_weights, rgb_to_lab
 
 
@@ -51,7 +51,7 @@ class ColorizationTask(PretextTask):
     def predict(self, backbone, lab: torch.Tensor) -> torch.Tensor:
         """Logits over the ab bins at 1/output_stride of the side: (N, Q, s, s)."""
         side = max(1, lab.shape[-1] // self.settings.output_stride)
-        return self.head(feature_map(backbone, l_input(lab)), side).float()
+        return self.head(feature_maps(backbone, l_input(lab)), side).float()
 
     def forward(self, backbone, images: torch.Tensor, generator: torch.Generator) -> Output:
         s = self.settings

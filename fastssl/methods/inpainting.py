@@ -11,7 +11,7 @@ import torch
 
 from fastssl.config import Config
 from fastssl.methods.base import Output
-from fastssl.methods.pretext import DenseHead, PretextMethod, PretextTask, Row, feature_map
+from fastssl.methods.pretext import DenseHead, PretextMethod, PretextTask, Row, feature_maps
 
 
 def masks(n: int, side: int, mode: str, fraction: float, blocks: int, generator: torch.Generator) -> torch.Tensor:
@@ -28,8 +28,9 @@ def masks(n: int, side: int, mode: str, fraction: float, blocks: int, generator:
         top = torch.randint(0, side - m + 1, (n, count), generator=generator)
         left = torch.randint(0, side - m + 1, (n, count), generator=generator)
     top, left = top.view(n, count, 1, 1), left.view(n, count, 1, 1)
-    inside = (ys.unsqueeze(1) >= top) & (ys.unsqueeze(1) < top + m) & (xs.unsqueeze(1) >= left) & (xs.unsqueeze(1) < left + m)
-    return inside.any(dim=1, keepdim=True).float()
+    rows = (ys.unsqueeze(1) >= top) & (ys.unsqueeze(1) < top + m)          # (n, count, side, 1)
+    cols = (xs.unsqueeze(1) >= left) & (xs.unsqueeze(1) < left + m)        # (n, count, 1, side)
+    return (rows & cols).any(dim=1, keepdim=True).float()
 
 
 class InpaintingTask(PretextTask):
@@ -45,7 +46,7 @@ class InpaintingTask(PretextTask):
         s = self.settings
         mask = masks(images.shape[0], images.shape[-1], s.mask, s.mask_fraction, s.blocks, generator).to(images.device)
         target = self.normalize(images)
-        out = self.head(feature_map(backbone, target * (1 - mask)), images.shape[-1]).float()
+        out = self.head(feature_maps(backbone, target * (1 - mask)), images.shape[-1]).float()
         return mask, target, out
 
     def forward(self, backbone, images: torch.Tensor, generator: torch.Generator) -> Output:

@@ -56,31 +56,36 @@ def classifier(in_dim: int, hidden_dim: int, classes: int) -> nn.Sequential:
 
 
 class DenseHead(nn.Module):
-    """A decoder from the backbone's last feature map to `out_channels` maps of side `out_size`:
-    1x1 reduction, then (bilinear x2 upsampling, 3x3 conv-BN-ReLU) until the side is reached, a
-    last 1x1 conv. Light on purpose: the backbone, not the decoder, should learn the features."""
+    """A light decoder from the backbone to `out_channels` maps of side `out_size`: the last
+    feature map, reduced by a 1x1 conv and upsampled to the early map's side, joined with the
+    early map (the stem and first stage: the detail a fine prediction needs, still the backbone's
+    own features), a 3x3 conv-BN-ReLU, bilinear upsampling to `out_size` and a last 1x1 conv.
+    Light on purpose: the backbone, not the decoder, should learn the features."""
 
-    def __init__(self, in_dim: int, out_channels: int, width: int = 128):
+    def __init__(self, feature_dim: int, out_channels: int, width: int = 128):
         super().__init__()
-        self.reduce = nn.Sequential(nn.Conv2d(in_dim, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-        self.refine = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+        early_dim = feature_dim // 8          # a ResNet's first stage is 8x narrower than its last
+        self.reduce = nn.Sequential(nn.Conv2d(feature_dim, width, 1, bias=False), nn.BatchNorm2d(width),
                                     nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(nn.Conv2d(width + early_dim, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
         self.out = nn.Conv2d(width, out_channels, 1)
 
-    def forward(self, fmap: torch.Tensor, out_size: int) -> torch.Tensor:
-        x = self.reduce(fmap)
-        while x.shape[-1] < out_size:
-            x = self.refine(F.interpolate(x, size=min(out_size, 2 * x.shape[-1]), mode="bilinear", align_corners=False))
+    def forward(self, maps: Tuple[torch.Tensor, torch.Tensor], out_size: int) -> torch.Tensor:
+        early, last = maps
+        x = F.interpolate(self.reduce(last), size=early.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.fuse(torch.cat([x, early], dim=1))
         if x.shape[-1] != out_size:
-            x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False)
         return self.out(x)
 
 
-def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The last convolutional feature map of a torchvision ResNet (before pooling): (N, D, h, w)."""
+def feature_maps(backbone: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(early, last): the feature maps of a torchvision ResNet after its first stage (N, D/8, S/4,
+    S/4 with the ImageNet stem) and after its last (N, D, S/32, S/32), before pooling."""
     b = backbone
-    x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-    return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+    early = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
+    return early, b.layer4(b.layer3(b.layer2(early)))
 
 
 def accuracy_line(task: str, correct: float, count: float, chance: float) -> str:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastssl.config import Config
 from fastssl.methods.base import Output
-from fastssl.methods.pretext import DenseHead, Normalizer, PretextMethod, PretextTask, Row, feature_map
+from fastssl.methods.pretext import DenseHead, Normalizer, PretextMethod, PretextTask, Row, feature_maps
 from fastssl.models import build_backbone
 from fastssl.pretext.color import ab_bins, colorize, lab_to_rgb, nearest_bin, rgb_to_lab
 
@@ -65,8 +65,8 @@ class SplitBrainTask(PretextTask):
         """(ab logits, L logits, ab targets, L targets) at 1/output_stride of the side."""
         side = max(1, lab.shape[-1] // self.settings.output_stride)
         l_in, ab_in = net.split(lab)
-        ab_logits = self.l_to_ab(feature_map(net.l_net, l_in), side).float()
-        l_logits = self.ab_to_l(feature_map(net.ab_net, ab_in), side).float()
+        ab_logits = self.l_to_ab(feature_maps(net.l_net, l_in), side).float()
+        l_logits = self.ab_to_l(feature_maps(net.ab_net, ab_in), side).float()
         small = F.adaptive_avg_pool2d(lab, side)
         ab_target = nearest_bin(small[:, 1:], self.bins)
         l_target = (small[:, 0] / 100.0 * self.settings.l_bins).long().clamp(0, self.settings.l_bins - 1)

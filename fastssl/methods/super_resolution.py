@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 from fastssl.config import Config
 from fastssl.methods.base import Output
-from fastssl.methods.pretext import DenseHead, PretextMethod, PretextTask, Row, feature_map
+from fastssl.methods.pretext import DenseHead, PretextMethod, PretextTask, Row, feature_maps
 
 
 def patch_discriminator(width: int = 64) -> nn.Sequential:
@@ -51,7 +51,7 @@ class SuperResolutionTask(PretextTask):
     def restore(self, backbone, upsampled: torch.Tensor) -> torch.Tensor:
         """The normalised full-resolution prediction: the input plus the predicted residual."""
         x = self.normalize(upsampled)
-        return x + self.head(feature_map(backbone, x), upsampled.shape[-1]).float()
+        return x + self.head(feature_maps(backbone, x), upsampled.shape[-1]).float()
 
     def forward(self, backbone, images: torch.Tensor, generator: torch.Generator) -> Output:
         target = self.normalize(images)
