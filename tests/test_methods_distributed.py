@@ -13,6 +13,8 @@ result or traceback coming back through a file) and the trainer checks share ano
 (`train_results`: `train` called several times per worker, each on its own port). Every spawn has
 a deadline, so a hang fails instead of blocking.
 """
+import json
+import math
 import os
 import socket
 import time
@@ -261,6 +263,10 @@ E2E_QUEUE, E2E_BATCH, E2E_STEPS = 96, 16, 2
 STAGES = {
     "no_sync_bn": {"train.sync_bn": False, "train.stop_after_steps": 1},
     "sync_bn": {"train.sync_bn": True},
+    # a pretext method under DDP: one task per step leaves the other head idle, which DDP refuses
+    # unless every parameter takes part in the backward
+    "multitask_alternate": {"method.name": "multitask", "method.multitask.mode": "alternate",
+                            "method.multitask.tasks": ["rotation", "colorization"], "method.colorization.grid": 20},
 }
 
 
@@ -345,6 +351,19 @@ def test_train_moco_v2_on_two_processes_without_sync_bn_is_refused(train_results
 @requires_dist
 def test_train_moco_v2_on_two_processes_keeps_a_consistent_queue(train_results):
     _check_queue_of_the_run(*train_results("sync_bn"))
+
+
+@requires_dist
+def test_train_multitask_alternating_on_two_processes(train_results):
+    results, cfg = train_results("multitask_alternate")
+    for r, result in enumerate(results):
+        assert "ok" in result, f"rank {r}: train raised:\n{result.get('error') or result.get('config_error')}"
+    state = load_checkpoint(Path(cfg.run.dir) / "checkpoints" / "last.pt")
+    assert state["step"] == E2E_STEPS and len(state["rng"]) == WORLD
+    lines = (Path(cfg.run.dir) / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line) for line in lines if '"train"' in line]
+    assert [sorted(k for k in r if k.endswith("_loss")) for r in losses] == [["rotation_loss"], ["colorization_loss"]]
+    assert all(math.isfinite(r["loss"]) for r in losses)
 
 
 def test_sync_bn_conversion_keeps_the_momentum_teacher_frozen():
