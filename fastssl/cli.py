@@ -72,7 +72,7 @@ def cmd_show(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastssl", description="Fast self-supervised learning for vision.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="pre-train (method.name: simclr, moco_v2, ..., dino, rotation, jigsaw, ...), then evaluate by kNN",
+    p_train = sub.add_parser("train", help="pre-train (method.name: a method or pretext task), then evaluate by kNN",
                              description="Pre-train, checkpoint every epoch, then print "
                                          "'kNN top-1: <method>=NN.N%% random-init=NN.N%%'.")
     p_train.add_argument("--config", help="YAML config file (see configs/)")
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         p.add_argument("--config", help="YAML config (default: the config saved in the checkpoint)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.val=...")
 
-    p_eval = sub.add_parser("eval", help="evaluate a checkpoint's frozen backbone (knn or linear)")
+    p_eval = sub.add_parser("eval", help="evaluate a checkpoint: knn, linear (frozen backbone) or pretext")
     eval_sub = p_eval.add_subparsers(dest="protocol", required=True)
     p_knn = eval_sub.add_parser("knn", help="weighted kNN top-1 on the val split (eval.knn_k, eval.knn_temperature)")
     checkpoint_args(p_knn)
