@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from fastssl.config import Config
 from fastssl.data import build_loader, resolve_paths
 from fastssl.methods import build_augment, build_method, view_crops
-from fastssl.methods.pretext import EVAL_SEED, Row
+from fastssl.methods.pretext import EVAL_SEED, Normalizer, Row
 from fastssl.train.trainer import augment_generator
 
 CELL = 64          # every picture is shown at this side (nearest-neighbour scaling keeps pixels sharp)
@@ -39,7 +39,7 @@ def batch_rows(cfg: Config, state: Optional[dict] = None, count: int = 8) -> Lis
     generator = augment_generator(cfg.train.seed, 0)
     x = [view.apply(v, view.sample(v.shape[0], generator)) for view, v in zip(augment.views, views)]
     if not method.pretext_tasks():
-        return [(f"view {i + 1} ({view.size} px)", _to_unit(v, view.mean, view.std), None)
+        return [(f"view {i + 1} ({view.size} px)", Normalizer(view.mean, view.std).inverse(v), None)
                 for i, (view, v) in enumerate(zip(augment.views, x))]
     images, rows = method.images(x), []
     task_generator = torch.Generator().manual_seed(EVAL_SEED)
@@ -47,10 +47,6 @@ def batch_rows(cfg: Config, state: Optional[dict] = None, count: int = 8) -> Lis
         rows += [(f"{task.name}: {title}", pictures, captions)
                  for title, pictures, captions in task.show(backbone, images, task_generator)]
     return rows
-
-
-def _to_unit(x: torch.Tensor, mean, std) -> torch.Tensor:
-    return (x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
 
 
 def render(rows: List[Row]) -> Image.Image:

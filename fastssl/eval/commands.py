@@ -75,8 +75,8 @@ def eval_knn(cfg: Config, state, device) -> Dict[str, float]:
 
 
 def eval_linear(cfg: Config, state, device) -> Dict[str, float]:
-    train_f, train_y, val_f, val_y = features(cfg, on_device(trained_backbone(cfg, state), device), eval_loaders(cfg, device),
-                                              False)
+    backbone = on_device(trained_backbone(cfg, state), device)
+    train_f, train_y, val_f, val_y = features(cfg, backbone, eval_loaders(cfg, device), False)
     e = cfg.eval
     return linear_probe(train_f, train_y, val_f, val_y, epochs=e.linear_epochs, lr=e.linear_lr,
                         batch_size=e.linear_batch_size, weight_decay=e.linear_weight_decay, seed=cfg.train.seed)

@@ -9,14 +9,13 @@ checkpoint). One backbone encodes the nine tiles; their features, concatenated i
 order, go to the classifier over the permutations.
 """
 import functools
-from typing import Dict, List
+from typing import List
 
 import torch
 import torch.nn.functional as F
 
 from fastssl.config import Config
-from fastssl.methods.base import Output
-from fastssl.methods.pretext import PretextMethod, PretextTask, Row, accuracy_line, classifier
+from fastssl.methods.pretext import ClassificationTask, PretextMethod, Row, classifier
 from fastssl.pretext.patches import hamming_permutations, jigsaw_tiles, sample_jigsaw
 
 GRID = 3
@@ -41,14 +40,15 @@ def resized(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-class JigsawTask(PretextTask):
+class JigsawTask(ClassificationTask):
     name = "jigsaw"
 
     def __init__(self, cfg: Config, feature_dim: int):
         super().__init__(cfg, feature_dim)
         self.settings = s = cfg.method.jigsaw
         self.register_buffer("permutations", permutation_set(s.permutations, s.permutation_seed).clone())
-        self.head = classifier(GRID * GRID * feature_dim, s.hidden_dim, s.permutations)
+        self.classes = s.permutations
+        self.head = classifier(GRID * GRID * feature_dim, s.hidden_dim, self.classes)
 
     def puzzles(self, images: torch.Tensor, generator: torch.Generator):
         """(shuffled tiles (N, 9, 3, t, t), labels (N,)) from [0, 1] images."""
@@ -59,29 +59,15 @@ class JigsawTask(PretextTask):
         tiles = jigsaw_tiles(x, params, self.permutations, grid=GRID, gap=gap, jitter=jitter, normalize=True)
         return tiles, params["labels"].to(x.device)
 
-    def logits(self, backbone, tiles: torch.Tensor) -> torch.Tensor:
-        n = tiles.shape[0]
+    def classify(self, backbone, images: torch.Tensor, generator: torch.Generator):
+        tiles, labels = self.puzzles(images, generator)
         features = backbone(tiles.flatten(0, 1))                        # (9N, D), tiles in shuffled order
-        return self.head(features.view(n, -1))
-
-    def forward(self, backbone, images: torch.Tensor, generator: torch.Generator) -> Output:
-        tiles, labels = self.puzzles(images, generator)
-        logits = self.logits(backbone, tiles)
-        loss = F.cross_entropy(logits.float(), labels)
-        return loss, {"pretext_acc": (logits.argmax(1) == labels).float().mean().item()}
-
-    @torch.no_grad()
-    def evaluate(self, backbone, images: torch.Tensor, generator: torch.Generator) -> Dict[str, float]:
-        tiles, labels = self.puzzles(images, generator)
-        return {"correct": (self.logits(backbone, tiles).argmax(1) == labels).sum().item(), "count": labels.numel()}
-
-    def report(self, sums: Dict[str, float]) -> str:
-        return accuracy_line(self.name, sums["correct"], sums["count"], 1 / len(self.permutations))
+        return self.head(features.view(tiles.shape[0], -1)), labels, tiles
 
     @torch.no_grad()
     def show(self, backbone, images: torch.Tensor, generator: torch.Generator) -> List[Row]:
-        tiles, labels = self.puzzles(images, generator)
-        pred = self.logits(backbone, tiles).argmax(1)
+        logits, labels, tiles = self.classify(backbone, images, generator)
+        pred = logits.argmax(1)
         rows = []
         for i in range(min(4, tiles.shape[0])):
             # Standardised tiles, rescaled per tile to [0, 1] for display.

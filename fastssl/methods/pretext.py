@@ -88,10 +88,6 @@ def feature_maps(backbone: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, to
     return early, b.layer4(b.layer3(b.layer2(early)))
 
 
-def accuracy_line(task: str, correct: float, count: float, chance: float) -> str:
-    return f"pretext {task} val accuracy: {100 * correct / max(count, 1):.1f}% (chance {100 * chance:.1f}%)"
-
-
 class PretextTask(nn.Module):
     """One pretext task: its head, its loss, its held-out metric and its picture."""
 
@@ -118,6 +114,32 @@ class PretextTask(nn.Module):
     def show(self, backbone: nn.Module, images: torch.Tensor, generator: torch.Generator) -> List[Row]:
         """Rows of pictures: the batch as the model receives it, with labels or predictions."""
         raise NotImplementedError
+
+
+class ClassificationTask(PretextTask):
+    """A task whose pseudo-label is one of `self.classes` classes (rotation, jigsaw, relative
+    position): `classify` gives (logits, labels, the inputs it made); the cross-entropy loss, the
+    held-out accuracy and its line against chance follow from it."""
+
+    classes = 0
+
+    def classify(self, backbone: nn.Module, images: torch.Tensor, generator: torch.Generator):
+        """(logits (M, classes), labels (M,), the inputs made from `images`, for `show`)."""
+        raise NotImplementedError
+
+    def forward(self, backbone: nn.Module, images: torch.Tensor, generator: torch.Generator) -> Output:
+        logits, labels, _ = self.classify(backbone, images, generator)
+        loss = F.cross_entropy(logits.float(), labels)
+        return loss, {"pretext_acc": (logits.argmax(1) == labels).float().mean().item()}
+
+    @torch.no_grad()
+    def evaluate(self, backbone: nn.Module, images: torch.Tensor, generator: torch.Generator) -> Dict[str, float]:
+        logits, labels, _ = self.classify(backbone, images, generator)
+        return {"correct": (logits.argmax(1) == labels).sum().item(), "count": labels.numel()}
+
+    def report(self, sums: Dict[str, float]) -> str:
+        accuracy = 100 * sums["correct"] / max(sums["count"], 1)
+        return f"pretext {self.name} val accuracy: {accuracy:.1f}% (chance {100 / self.classes:.1f}%)"
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
