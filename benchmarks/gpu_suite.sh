@@ -94,3 +94,31 @@ for px in 32 96; do
             | grep -E "^pretext|kNN top-1|img/s" | tail -4 | tee -a benchmarks/results/logs/pretext_gpu.log
     done
 done
+
+# ---------------------------------------- stage: clustering and predictive methods (DeepCluster, OBoW, CPC)
+# 1. correctness on the GPU: k-means on CUDA against the CPU result, the methods' unit and resume
+#    tests, and the gathered features of DeepCluster on 2 ranks (gloo).
+env -u TRITON_INTERPRET "$PY" -m pytest tests/test_cluster.py tests/test_deepcluster.py tests/test_obow.py \
+    tests/test_cpc.py -q -rs 2>&1 | tee benchmarks/results/logs/test_clustering_gpu.log
+# 2. k-means at DeepCluster's ImageNet scale: 1.28M x 256 features into 10,000 clusters, 20 iterations.
+"$PY" - <<'PYEOF' 2>&1 | tee benchmarks/results/logs/kmeans_gpu.log
+import time, torch, torch.nn.functional as F
+from fastssl.cluster import kmeans
+x = F.normalize(torch.randn(1_281_167, 256, device="cuda"), dim=1)
+for k in (1000, 10000):
+    torch.cuda.synchronize(); start = time.perf_counter()
+    result = kmeans(x, k, iterations=20, seed=0)
+    torch.cuda.synchronize()
+    print(f"kmeans n={len(x)} d=256 k={k} 20 iterations: {time.perf_counter() - start:.1f}s, inertia {result.inertia:.0f}")
+PYEOF
+# 3. the demo's settings (per_method sections included) for 20 epochs at 32 and 96 px, as above.
+for px in 32 96; do
+    for method in deepcluster obow cpc; do
+        echo "== $method ${px}px" | tee -a benchmarks/results/logs/clustering_gpu.log
+        "$PY" -m fastssl train --config configs/demo.yaml method.name=$method train.device=cuda \
+            data.embedded_train_per_class=2000 data.embedded_val_per_class=200 data.embedded_image_size=$px \
+            augment.size=$px data.workers=8 train.epochs=20 train.batch_size=256 \
+            run.dir=runs/gpu_clustering/${method}_${px}px 2>&1 \
+            | grep -E "kNN top-1|img/s" | tail -2 | tee -a benchmarks/results/logs/clustering_gpu.log
+    done
+done

@@ -35,7 +35,8 @@ from fastssl.data import build_loader, resolve_paths
 from fastssl.losses import info_nce
 from fastssl.methods import build_augment, build_method, view_crops
 from fastssl.optim import build_optimizer, scaled_lr
-from fastssl.train.trainer import (augment_generator, resolve_augment_backend,
+from fastssl.train.distributed import DistInfo
+from fastssl.train.trainer import (augment_generator, resolve_augment_backend, training_features,
                                    resolve_device, resolve_precision, train_step)
 
 STAGES = ("data", "augment", "model", "loss", "optim", "train", "train-premade")
@@ -91,6 +92,9 @@ def run(cfg, stages, steps: int, warmup: int):
     model = build_method(cfg).to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, scaled_lr(cfg.optim.lr, n, cfg.optim.lr_scaling))
     amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else None
+    # The method's work before an epoch (DeepCluster clusters the training set), as the trainer does.
+    model.before_epoch(0, training_features(cfg, train_dir, device, DistInfo()))
+    loader.set_epoch(0, order=model.epoch_order(0))
 
     def batches():
         while True:
@@ -98,7 +102,7 @@ def run(cfg, stages, steps: int, warmup: int):
                 yield batch
 
     stream = batches()
-    views, _, _ = next(stream)
+    views, _, indices = next(stream)
     augmented = [aug.apply(v, aug.sample(n, augment_generator(0, i)), channels_last=True)
                  for i, (aug, v) in enumerate(zip(augment.views, views))]
     projections = [torch.randn(n, cfg.model.proj_dim, device=device, requires_grad=True) for _ in range(2)]
@@ -123,14 +127,15 @@ def run(cfg, stages, steps: int, warmup: int):
     def stage_optim():
         optimizer.step()
 
-    def stage_train(batch_views=None):
+    def stage_train(batch=None):
         """One real training step; fed by the loader, or (train-premade) by the same resident batch."""
-        train_step(batch_views or next(stream)[0], next(step), cfg.train.seed, model=model, optimizer=optimizer,
-                   scaler=None, augment=augment, augment_backend=augment_backend, device=device,
-                   autocast_dtype=autocast_dtype)
+        batch_views, _, batch_indices = batch or next(stream)
+        train_step(batch_views, next(step), cfg.train.seed, model=model, optimizer=optimizer, scaler=None,
+                   augment=augment, augment_backend=augment_backend, device=device, autocast_dtype=autocast_dtype,
+                   indices=batch_indices)
 
     fns = {"data": stage_data, "augment": stage_augment, "model": stage_model, "loss": stage_loss,
-           "optim": stage_optim, "train": stage_train, "train-premade": lambda: stage_train(views)}
+           "optim": stage_optim, "train": stage_train, "train-premade": lambda: stage_train((views, None, indices))}
     results = {}
     for name in stages:
         if name.startswith("train"):
@@ -145,18 +150,18 @@ def run(cfg, stages, steps: int, warmup: int):
         # The input pipeline's efficiency: the full step against the same step on a resident batch.
         results["pipeline_efficiency"] = results["train"]["images_per_s"] / results["train-premade"]["images_per_s"]
     if "train-premade" in results:
-        results["model_flops_per_image"] = model_flops_per_image(model, augmented, amp)
+        results["model_flops_per_image"] = model_flops_per_image(model, augmented, indices, amp)
     return device, results
 
 
-def model_flops_per_image(model, augmented, amp) -> float:
+def model_flops_per_image(model, augmented, indices, amp) -> float:
     """FLOPs of the method's forward + backward per image (every view; backbone, heads, teacher,
     loss), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
         with (amp() if amp else torch.autocast(augmented[0].device.type, enabled=False)):
-            loss, _ = model(augmented)
+            loss, _ = model(augmented, indices) if model.needs_indices else model(augmented)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / augmented[0].shape[0]

@@ -178,6 +178,72 @@ class DINOSettings:
     """Crop area range of the local views."""
 
 
+# Clustering and predictive methods (DeepCluster, OBoW, CPC).
+
+@dataclass
+class DeepClusterSettings:
+    clusters: int = 10000
+    """k of the k-means over the training set's features (the pseudo-classes; DeepCluster: 10,000)."""
+    pca_dim: int = 256
+    """The features are PCA-whitened to this many dimensions, then L2-normalised, before k-means."""
+    kmeans_iterations: int = 20
+    """Lloyd iterations per k-means run."""
+    kmeans_restarts: int = 1
+    """Independent k-means runs (each from its own seeded start); the one of lowest inertia wins."""
+    reassign_every_epochs: int = 1
+    """Recluster, relabel and re-initialise the classifier every this many epochs."""
+    sobel: bool = True
+    """Feed the backbone the Sobel gradients of the grey image (2 channels) instead of RGB, so
+    colour cannot make the clusters (DeepCluster's default)."""
+
+
+@dataclass
+class OBoWSettings:
+    vocabulary_size: int = 8192
+    """Visual words per level, kept as a FIFO queue of the teacher's local features."""
+    levels: List[str] = field(default_factory=lambda: ["layer3", "layer4"])
+    """ResNet stages whose teacher feature maps give the bags of words (the multi-scale form)."""
+    momentum: float = 0.99
+    """Teacher EMA momentum at the start; it rises to 1 on a cosine schedule."""
+    inverse_delta: float = 15.0
+    """Sharpness of the soft assignment of a local feature to words: softmax(-inverse_delta * d / mean
+    min d), d the squared distance to each word (the paper's ResNet-50 value; 10 for its ResNet-18)."""
+    min_distance_momentum: float = 0.99
+    """EMA momentum of the mean squared distance of a local feature to its nearest word."""
+    word_pool_size: int = 3
+    """Side of the local average pooling (stride 1) before a teacher feature is enqueued as a word."""
+    prediction_scale: float = 8.0
+    """kappa: the student's logits are kappa times the dot product of its pooled feature with each word's
+    unit-norm generated weight (the paper's ResNet-50 value; 5 for its ResNet-18)."""
+    generator_hidden_dim: int = 4096
+    """Hidden width of the MLP that turns each word into the weight vector of its prediction (the
+    official code: twice the backbone's feature dimension, 4096 for a ResNet-50)."""
+    student_size: int = 160
+    """Side of the student's 2 views (the teacher sees the whole image at augment.size; 224 in the paper)."""
+    student_crop_scale: List[float] = field(default_factory=lambda: [0.08, 0.6])
+    """Crop area range of the student's 2 views (the official code's image_crop_range)."""
+    local_crops: int = 5
+    """Small crops the student also predicts the teacher's bag of words from."""
+    local_size: int = 96
+    """Side of each small crop."""
+    local_crop_scale: List[float] = field(default_factory=lambda: [0.08, 0.14])
+    """Crop area range of the small crops. The official code cuts 96-px patches from a 3x3 grid over
+    a 256-px resize of a crop of 0.6-1 of the image: (96/256)^2 * [0.6, 1] = [0.084, 0.141]."""
+
+
+@dataclass
+class CPCSettings:
+    grid: int = 7
+    """The crop is cut into grid x grid patches overlapping by half: side 2S/(grid+1), stride
+    S/(grid+1) (7: 64 px patches at stride 32 on a 256 px crop)."""
+    prediction_steps: int = 5
+    """The context of a row predicts the embeddings of the 1 .. prediction_steps rows below."""
+    context_layers: int = 2
+    """Row-causal convolution blocks of the context network over the grid of embeddings."""
+    temperature: float = 0.1
+    """InfoNCE temperature (embeddings and predictions are L2-normalised inside the loss)."""
+
+
 # Pretext tasks (hand-crafted pseudo-labels; fastssl/methods/pretext.py). Sizes of gaps and jitter
 # are fractions of a grid cell, so one setting serves every image size.
 
@@ -277,7 +343,8 @@ class MultitaskSettings:
 @dataclass
 class MethodConfig:
     name: str = "simclr"
-    """The self-supervised method: simclr, moco_v2, moco_v3, byol, simsiam, dino, or a pretext
+    """The self-supervised method: simclr, moco_v2, moco_v3, byol, simsiam, dino, deepcluster,
+    obow, cpc, or a pretext
     task: rotation, jigsaw, relative_position, colorization, inpainting, split_brain,
     super_resolution, multitask (each has a section below with its own settings)."""
     simclr: SimCLRSettings = field(default_factory=SimCLRSettings)
@@ -286,6 +353,9 @@ class MethodConfig:
     byol: BYOLSettings = field(default_factory=BYOLSettings)
     simsiam: SimSiamSettings = field(default_factory=SimSiamSettings)
     dino: DINOSettings = field(default_factory=DINOSettings)
+    deepcluster: DeepClusterSettings = field(default_factory=DeepClusterSettings)
+    obow: OBoWSettings = field(default_factory=OBoWSettings)
+    cpc: CPCSettings = field(default_factory=CPCSettings)
     rotation: RotationSettings = field(default_factory=RotationSettings)
     jigsaw: JigsawSettings = field(default_factory=JigsawSettings)
     relative_position: RelativePositionSettings = field(default_factory=RelativePositionSettings)
@@ -608,14 +678,21 @@ POSITIVE = ("data.embedded_train_per_class", "data.embedded_val_per_class", "dat
             "method.colorization.grid", "method.colorization.neighbours", "method.colorization.sigma",
             "method.colorization.annealed_temperature", "method.colorization.output_stride",
             "method.inpainting.mask_fraction", "method.inpainting.blocks", "method.split_brain.grid",
-            "method.split_brain.l_bins", "method.split_brain.output_stride", "method.super_resolution.scale")
+            "method.split_brain.l_bins", "method.split_brain.output_stride", "method.super_resolution.scale",
+            "method.deepcluster.clusters", "method.deepcluster.pca_dim", "method.deepcluster.kmeans_iterations",
+            "method.deepcluster.kmeans_restarts", "method.deepcluster.reassign_every_epochs",
+            "method.obow.vocabulary_size", "method.obow.inverse_delta", "method.obow.word_pool_size",
+            "method.obow.prediction_scale", "method.obow.generator_hidden_dim", "method.obow.student_size",
+            "method.obow.local_size", "method.cpc.grid", "method.cpc.prediction_steps",
+            "method.cpc.context_layers", "method.cpc.temperature")
 # EMA momenta: 0 copies the student every step, 1 freezes the teacher.
 MOMENTA = ("method.moco_v2.momentum", "method.moco_v3.momentum", "method.byol.momentum", "method.dino.momentum",
-           "method.dino.center_momentum")
+           "method.dino.center_momentum", "method.obow.momentum", "method.obow.min_distance_momentum")
 PROBABILITIES = ("augment.flip_p", "augment.jitter_p", "augment.grayscale_p", "augment.blur_p",
                  "augment.solarize_p")
 RANGES = ("augment.crop_scale", "augment.crop_ratio", "augment.blur_sigma", "method.dino.global_crop_scale",
-          "method.dino.local_crop_scale")
+          "method.dino.local_crop_scale", "method.obow.local_crop_scale",
+          "method.obow.student_crop_scale")
 
 
 def get(cfg: Config, key: str) -> Any:
@@ -655,7 +732,8 @@ def validate(cfg: Config) -> None:
                 "method.dino.local_crops", "method.dino.teacher_temperature_warmup_epochs",
                 "method.dino.freeze_last_layer_epochs", "method.rotation.hidden_dim", "method.jigsaw.hidden_dim",
                 "method.jigsaw.input_size", "method.relative_position.hidden_dim",
-                "method.relative_position.input_size", "method.super_resolution.adversarial_weight"):
+                "method.relative_position.input_size", "method.super_resolution.adversarial_weight",
+                "method.obow.local_crops"):
         if get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(cfg, key)!r}")
     if len(cfg.augment.mean) != 3 or len(cfg.augment.std) != 3 or min(cfg.augment.std) <= 0:

@@ -267,29 +267,40 @@ STAGES = {
     # unless every parameter takes part in the backward
     "multitask_alternate": {"method.name": "multitask", "method.multitask.mode": "alternate",
                             "method.multitask.tasks": ["rotation", "colorization"], "method.colorization.grid": 20},
+    # the training set's features computed in shares and gathered, then one clustering for all ranks
+    "deepcluster": {"method.name": "deepcluster", "method.deepcluster.clusters": 8, "method.deepcluster.pca_dim": 16},
 }
 
 
 def _train_worker(rank: int, world: int, ports: dict, stage_values: dict, out_dir: str) -> None:
     """`train` as torchrun would start it, once per stage (each on its own port); records MoCo v2's
-    queue after every after_step, a ConfigError's message or another exception's traceback."""
-    from fastssl.methods import moco
+    queue after every after_step, DeepCluster's features and assignment at every clustering, a
+    ConfigError's message or another exception's traceback."""
+    from fastssl.methods import deepcluster, moco
     torch.set_num_threads(1)
-    real_after_step = moco.MoCoV2.after_step
-    seen = []
+    real_after_step, real_before_epoch = moco.MoCoV2.after_step, deepcluster.DeepCluster.before_epoch
+    seen, clustered = [], []
 
     def after_step(self):
         real_after_step(self)
         seen.append((self.queue.clone(), int(self.queue_ptr)))
 
+    def before_epoch(self, epoch, training_features):
+        features = []
+        reset = real_before_epoch(self, epoch, lambda net: features.append(training_features(net)) or features[0])
+        clustered.append({"features": features[0], "assignments": self.assignments.clone()})
+        return reset
+
     moco.MoCoV2.after_step = after_step
+    deepcluster.DeepCluster.before_epoch = before_epoch
     for stage, values in stage_values.items():
         seen.clear()
+        clustered.clear()
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[stage]))
         try:
             train(load_config(None, values))
-            result = {"ok": list(seen)}
+            result = {"ok": list(seen), "clustered": list(clustered)}
         except ConfigError as exc:
             result = {"config_error": str(exc)}
         except Exception:
@@ -373,3 +384,21 @@ def test_sync_bn_conversion_keeps_the_momentum_teacher_frozen():
     assert trainable and not any(n.startswith("key_") for n in trainable)
     converted = convert_sync_batchnorm(method, torch.device("cpu"))
     assert {n for n, p in converted.named_parameters() if p.requires_grad} == trainable
+
+
+# --------------------------------------------------------------- 5. DeepCluster's gathered features
+@requires_dist
+def test_deepcluster_gathers_the_features_and_every_rank_clusters_alike(train_results, one_cpu_thread):
+    from fastssl.data import resolve_paths
+    from fastssl.train.distributed import DistInfo
+    from fastssl.train.trainer import training_features
+    results, cfg = train_results("deepcluster")
+    for r, result in enumerate(results):
+        assert "ok" in result, f"rank {r}: train raised:\n{result.get('error') or result.get('config_error')}"
+    (f0, a0), (f1, a1) = [(res["clustered"][0]["features"], res["clustered"][0]["assignments"]) for res in results]
+    assert torch.equal(f0, f1) and torch.equal(a0, a1)
+    assert f0.shape == (160, 512) and (f0.abs().sum(dim=1) > 0).all()      # every image's row, from one rank or the other
+    train_dir, _ = resolve_paths(cfg.data, log=lambda *_: None)
+    single = training_features(cfg, train_dir, torch.device("cpu"), DistInfo())(build_method(cfg).eval_backbone())
+    torch.testing.assert_close(f0, single, rtol=1e-4, atol=1e-4)            # the same rows as one process computes
+    assert len(a0.unique()) == 8

@@ -17,7 +17,8 @@ from fastssl.cli import main as cli_main
 from fastssl.config import ConfigError, load_config, save_config
 from fastssl.data import build_loader, resolve_paths
 from fastssl.eval.commands import export_backbone, pretext_lines
-from fastssl.methods import EMBEDDING_METHODS, METHODS, PRETEXT_METHODS, build_augment, build_method, view_crops
+from fastssl.methods import (CLUSTERING_AND_PREDICTIVE_METHODS, EMBEDDING_METHODS, METHODS, PRETEXT_METHODS,
+                             build_augment, build_method, view_crops)
 from fastssl.methods.inpainting import masks
 from fastssl.methods.pretext import step_generator
 from fastssl.optim import build_optimizer
@@ -77,7 +78,8 @@ def fixed_loss(model, x):
 
 
 def test_the_registry_holds_every_method():
-    assert sorted(METHODS) == sorted([cls.name for cls in EMBEDDING_METHODS] + PRETEXT)
+    assert sorted(METHODS) == sorted([cls.name for cls in EMBEDDING_METHODS + CLUSTERING_AND_PREDICTIVE_METHODS]
+                                     + PRETEXT)
     assert sorted(PRETEXT) == sorted(["rotation", "jigsaw", "relative_position", "colorization", "inpainting",
                                       "split_brain", "super_resolution", "multitask"])
 

@@ -21,7 +21,7 @@ decoding) the images of the skipped batches.
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -136,9 +136,17 @@ class EpochSampler(Sampler):
             raise ValueError(f"rank {rank} outside [0, {world_size})")
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
         self.batch_size, self.rank, self.world_size, self.start_batch = batch_size, rank, world_size, 0
+        self.order = None
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch: int, start_batch: int = 0, order: Optional[torch.Tensor] = None) -> None:
+        """`order`: the n dataset indices to visit instead of the seeded permutation (the method's
+        sampling, e.g. uniform over clusters; indices may repeat)."""
+        if order is not None:
+            order = torch.as_tensor(order, dtype=torch.long).cpu()
+            if order.shape != (self.n,) or (self.n and not 0 <= int(order.min()) <= int(order.max()) < self.n):
+                raise ValueError(f"an epoch order must hold {self.n} indices in [0, {self.n}), "
+                                 f"got shape {tuple(order.shape)}")
+        self.epoch, self.start_batch, self.order = epoch, start_batch, order
 
     def batches_per_epoch(self) -> int:
         return self.n // (self.batch_size * self.world_size) if self.batch_size else 0
@@ -151,6 +159,8 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
+        if self.order is not None:
+            order = self.order
         seeds = torch.randint(0, 2**62, (self.n,), generator=gen)
         if self.batch_size:
             b, nb = self.batch_size, self.batches_per_epoch()
@@ -167,7 +177,7 @@ class ImageFolderLoader:
                  ratio=(3 / 4, 4 / 3), views: Sequence[ViewCrop] = None, workers: int = 2, device="cpu",
                  train: bool = True, rank: int = 0, world_size: int = 1):
         """`batch_size` is per process; with `world_size` processes a global batch is
-        `batch_size * world_size` images (training only; evaluation loaders are not sharded).
+        `batch_size * world_size` images; an evaluation loader gives rank r images r, r + W, ...
         Training yields one crop per entry of `views` (default: two crops of `size` with `scale`
         and `ratio`); evaluation yields one centre view of `size`."""
         self.samples, self.classes = scan_image_folder(root)
@@ -182,14 +192,16 @@ class ImageFolderLoader:
                                         world_size=world_size)
         else:
             dataset = CenterViewDataset(self.samples, size)
-            self.sampler = None
+            # Several ranks share an evaluation pass image by image (rank r: images r, r + W, ...).
+            self.sampler = range(rank, len(self.samples), world_size) if world_size > 1 else None
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, shuffle=False, drop_last=train,
             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Epoch `epoch` from its batch `start_batch` on (the earlier ones are not read)."""
-        self.sampler.set_epoch(epoch, start_batch)
+    def set_epoch(self, epoch: int, start_batch: int = 0, order: Optional[torch.Tensor] = None) -> None:
+        """Epoch `epoch` from its batch `start_batch` on (the earlier ones are not read), visiting
+        the images in `order` when given (see EpochSampler.set_epoch)."""
+        self.sampler.set_epoch(epoch, start_batch, order)
 
     def batches_per_epoch(self) -> int:
         """Batches in a whole epoch (len() counts those left after `start_batch`)."""

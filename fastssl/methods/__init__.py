@@ -13,11 +13,14 @@ from fastssl.losses import BACKENDS
 from fastssl.methods.base import Method
 from fastssl.methods.byol import BYOL
 from fastssl.methods.colorization import Colorization
+from fastssl.methods.cpc import CPC
+from fastssl.methods.deepcluster import DeepCluster
 from fastssl.methods.dino import DINO
 from fastssl.methods.inpainting import Inpainting
 from fastssl.methods.jigsaw import Jigsaw
 from fastssl.methods.moco import MoCoV2, MoCoV3
 from fastssl.methods.multitask import MultiTask
+from fastssl.methods.obow import OBoW
 from fastssl.methods.pretext import PretextMethod
 from fastssl.methods.relative_position import RelativePosition
 from fastssl.methods.rotation import Rotation
@@ -27,8 +30,9 @@ from fastssl.methods.split_brain import SplitBrain
 from fastssl.methods.super_resolution import SuperResolution
 
 EMBEDDING_METHODS = (SimCLR, MoCoV2, MoCoV3, BYOL, SimSiam, DINO)
+CLUSTERING_AND_PREDICTIVE_METHODS = (DeepCluster, OBoW, CPC)
 PRETEXT_METHODS = (Rotation, Jigsaw, RelativePosition, Colorization, Inpainting, SplitBrain, SuperResolution, MultiTask)
-METHODS = {cls.name: cls for cls in EMBEDDING_METHODS + PRETEXT_METHODS}
+METHODS = {cls.name: cls for cls in EMBEDDING_METHODS + CLUSTERING_AND_PREDICTIVE_METHODS + PRETEXT_METHODS}
 
 
 def method_class(cfg: Config):
@@ -76,5 +80,5 @@ def view_crops(augment: MultiViewAugment):
     return [ViewCrop(v.size, tuple(v.crop_scale), tuple(v.crop_ratio)) for v in augment.views]
 
 
-__all__ = ["BYOL", "DINO", "EMBEDDING_METHODS", "METHODS", "PRETEXT_METHODS", "Method", "MoCoV2", "MoCoV3",
+__all__ = ["BYOL", "CLUSTERING_AND_PREDICTIVE_METHODS", "CPC", "DINO", "DeepCluster", "EMBEDDING_METHODS", "METHODS", "PRETEXT_METHODS", "Method", "MoCoV2", "MoCoV3", "OBoW",
            "PretextMethod", "SimCLR", "SimSiam", "build_augment", "build_method", "method_class", "view_crops"]

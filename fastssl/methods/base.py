@@ -10,7 +10,11 @@ teacher) and says:
   layer's while that layer is frozen);
 - `before_step(step)`: its scheduled values for that step (EMA momentum, temperatures);
 - `after_step()`: what it updates after the optimiser step (the teacher's EMA, a queue, a centre),
-  from what `forward` left pending. The trainer skips it with the step when the loss is not finite.
+  from what `forward` left pending. The trainer skips it with the step when the loss is not finite;
+- `before_epoch(epoch, training_features)`: work on the whole training set at the start of an
+  epoch (DeepCluster's clustering), and `epoch_order(epoch)`: the order the epoch visits the
+  images in (DeepCluster's cluster-uniform sampling); `needs_indices` makes the trainer pass the
+  batch's dataset indices to `forward` (the pseudo-labels are per image).
 
 Everything a method keeps between steps is a parameter or a buffer, and its schedules are
 functions of the step, so the checkpoint's state_dict holds it and a resumed run continues
@@ -18,7 +22,7 @@ exactly. The trainer, the loaders, the checkpoints and the evaluation know nothi
 """
 import copy
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -42,6 +46,9 @@ class Method(nn.Module):
     # True where per-process batch statistics would leak the positive (MoCo): under torchrun the
     # trainer then requires train.sync_bn.
     needs_global_batch_norm = False
+    # True where forward needs each image's dataset index (per-image pseudo-labels): the trainer
+    # then calls forward(views, indices).
+    needs_indices = False
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -85,6 +92,19 @@ class Method(nn.Module):
     @torch.no_grad()
     def after_step(self) -> None:
         """Apply the updates that follow the optimiser step (EMA, queue, centre)."""
+
+    def before_epoch(self, epoch: int, training_features: Callable[[nn.Module], torch.Tensor]) -> List[nn.Parameter]:
+        """Called before epoch `epoch` (0-based) starts from its first batch; not when a run resumes
+        within the epoch, since what it did then is in the checkpoint. `training_features(net)`
+        gives net's fp32 features of every training image (centre view, eval mode, rows in
+        dataset order, the same on every rank; a collective under torchrun). Returns the
+        parameters it re-initialised, whose optimiser state the trainer drops."""
+        return []
+
+    def epoch_order(self, epoch: int) -> Optional[torch.Tensor]:
+        """The dataset indices epoch `epoch` visits, in order (as many as there are images, the same
+        on every rank), or None for the loader's seeded permutation."""
+        return None
 
     def eval_backbone(self) -> nn.Module:
         """The backbone whose features are evaluated and exported."""

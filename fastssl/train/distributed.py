@@ -87,6 +87,27 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+def gather_rows(rows: torch.Tensor, indices: torch.Tensor, n: int, info: DistInfo) -> torch.Tensor:
+    """(n, D): every rank's `rows` placed at their dataset `indices`, on every rank (a collective;
+    the ranks' shares may differ in size by one: they are padded to the same length to be gathered)."""
+    out = rows.new_zeros(n, rows.shape[1])
+    if not info.enabled:
+        out[indices.to(rows.device)] = rows
+        return out
+    share = -(-n // info.world_size)
+    pad = share - rows.shape[0]
+    rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+    indices = torch.cat([indices.to(rows.device), torch.full((pad,), -1, dtype=torch.long, device=rows.device)])
+    all_rows, all_indices = [torch.empty_like(rows) for _ in range(info.world_size)], \
+        [torch.empty_like(indices) for _ in range(info.world_size)]
+    dist.all_gather(all_rows, rows)
+    dist.all_gather(all_indices, indices)
+    all_rows, all_indices = torch.cat(all_rows), torch.cat(all_indices)
+    real = all_indices >= 0
+    out[all_indices[real]] = all_rows[real]
+    return out
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks, with gradient: every rank's output is the sum, so the gradient of the total
     objective (the sum of the ranks' losses) with respect to each input is the sum of the output gradients."""

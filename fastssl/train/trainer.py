@@ -25,6 +25,7 @@ from typing import Dict
 
 import torch
 
+from fastssl.augment import normalize
 from fastssl.config import Config, ConfigError, save_config, to_dict
 from fastssl.data import build_loader, resolve_paths
 from fastssl.eval.commands import eval_loaders, knn_top1, on_device, pretext_lines
@@ -32,7 +33,7 @@ from fastssl.methods import Method, build_augment, build_method, view_crops
 from fastssl.optim import build_optimizer, lr_at, scaled_lr
 from fastssl.train.checkpoint import find_and_load, rng_state, save_checkpoint, save_last, set_rng_state
 from fastssl.train.distributed import (DistInfo, barrier, cleanup, convert_sync_batchnorm, gather_objects,
-                                       init_distributed, local_device)
+                                       gather_rows, init_distributed, local_device)
 from fastssl.train.progress import Progress
 
 log = logging.getLogger("fastssl")
@@ -256,8 +257,13 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
                    checkpoint=checkpoint, counters={"nonfinite_run": 0}, **schedule)
     end_epoch = min(cfg.train.epochs, cfg.train.stop_after_epochs or cfg.train.epochs)
     stopped = None
+    method = unwrap(model)
+    features_of_training_set = training_features(cfg, train_dir, device, dist_info)
     for epoch in range(start_epoch, end_epoch):
-        loader.set_epoch(epoch, start_batch)
+        if start_batch == 0:
+            for param in method.before_epoch(epoch, features_of_training_set):
+                optimizer.state.pop(param, None)        # re-initialised: its momentum is stale
+        loader.set_epoch(epoch, start_batch, method.epoch_order(epoch))
         step, batch, stopped = train_epoch(cfg, loader, epoch, step, start_batch, **context)
         start_batch = 0
         if stopped and batch < steps_per_epoch:
@@ -292,6 +298,32 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
     return results
 
 
+def training_features(cfg: Config, train_dir, device: torch.device, dist_info: DistInfo):
+    """`features(net)`: net's fp32 features of every training image, rows in dataset order, on
+    every rank: one centre view per image (as evaluated), normalised like the views, eval mode.
+    Under torchrun each rank computes its share and the shares are gathered (a collective).
+    The loader is built at the first call (most methods never make one)."""
+    loader = None
+
+    @torch.no_grad()
+    def features(net: torch.nn.Module) -> torch.Tensor:
+        nonlocal loader
+        if loader is None:
+            loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=cfg.eval.batch_size,
+                                  device=device, train=False, rank=dist_info.rank, world_size=dist_info.world_size)
+        was_training = net.training
+        net.eval()
+        rows, indices = [], []
+        for views, _, index in loader:
+            images = normalize(views[0], cfg.augment.mean, cfg.augment.std)
+            rows.append(net(images.contiguous(memory_format=torch.channels_last)).float())
+            indices.append(index)
+        net.train(was_training)
+        return gather_rows(torch.cat(rows), torch.cat(indices), len(loader.samples), dist_info)
+
+    return features
+
+
 def train_epoch(cfg: Config, loader, epoch: int, step: int, start_batch: int = 0, *, model, optimizer, scaler,
                 augment, augment_backend, device, autocast_dtype, metrics, peak_lr, warmup_steps, total_steps,
                 dist_info: DistInfo = DistInfo(), stop: StopSignal = None, checkpoint=None, counters=None):
@@ -307,7 +339,7 @@ def train_epoch(cfg: Config, loader, epoch: int, step: int, start_batch: int = 0
     fetch_start = time.perf_counter()
     batch, nonfinite_run = start_batch, counters.get("nonfinite_run", 0)
     collapse_warned = False
-    for views, _, _ in loader:
+    for views, _, indices in loader:
         data_wait += time.perf_counter() - fetch_start
         lr = lr_at(step, peak_lr, warmup_steps, total_steps)
         for group in optimizer.param_groups:
@@ -315,7 +347,7 @@ def train_epoch(cfg: Config, loader, epoch: int, step: int, start_batch: int = 0
         loss, stats = train_step(views, step, cfg.train.seed, model=model, optimizer=optimizer, scaler=scaler,
                                  augment=augment, augment_backend=augment_backend, device=device,
                                  autocast_dtype=autocast_dtype, shard=(dist_info.rank, dist_info.world_size),
-                                 grad_clip=cfg.train.grad_clip)
+                                 grad_clip=cfg.train.grad_clip, indices=indices)
         if device.type == "cuda":
             stats["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if not math.isfinite(loss):
@@ -376,7 +408,7 @@ def stop_reason(cfg: Config, step: int, stop: StopSignal, dist_info: DistInfo):
 
 
 def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment, device, autocast_dtype,
-               augment_backend: str = "kornia", shard=(0, 1), grad_clip: float = 0.0):
+               augment_backend: str = "kornia", shard=(0, 1), grad_clip: float = 0.0, indices=None):
     """Augment the views, forward, backward, optimiser step, the method's own updates (after_step).
     Returns (loss value, stats).
 
@@ -384,7 +416,8 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
     skips the update) and is returned as it is, for the caller to count. With `shard=(rank, world)` the views are this rank's rows
     of the global batch: their augmentation parameters are rows [rank*n, (rank+1)*n) of those
     drawn for the whole global batch, and the returned loss is the mean over ranks. `grad_clip` > 0
-    clips the global gradient norm (reported as stats['grad_norm'], before clipping).
+    clips the global gradient norm (reported as stats['grad_norm'], before clipping). `indices`: the
+    views' dataset indices, for a method that `needs_indices`.
     """
     rank, world = shard
     method = unwrap(model)
@@ -399,7 +432,7 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
         x.append(view_augment.apply(v, params, backend=augment_backend, channels_last=True))
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with amp:
-        loss, stats = model(x)
+        loss, stats = model(x, indices) if method.needs_indices else model(x)
     optimizer.zero_grad(set_to_none=True)
     value = loss.detach().float()
     if world > 1:
