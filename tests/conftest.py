@@ -1,5 +1,8 @@
-"""Shared fixtures: a tiny embedded dataset and a fast config for end-to-end runs."""
+"""Shared fixtures (a tiny embedded dataset, a fast config for end-to-end runs) and helpers
+(`from conftest import ...`)."""
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -12,7 +15,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastssl.config import load_config  # noqa: E402
-from fastssl.data import ensure_embedded_dataset  # noqa: E402
+from fastssl.data import build_loader, ensure_embedded_dataset, resolve_paths  # noqa: E402
+from fastssl.methods import view_crops  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -54,3 +58,19 @@ def tiny_config(tiny_cache, tmp_path):
         values.update(overrides)
         return load_config(None, values)
     return make
+
+
+def train_records(run_dir):
+    """The `train` events of a run's metrics.jsonl."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == "train"]
+
+
+def loader_batch(cfg, augment, batch_size=16):
+    """The first training batch's views (uint8 crops, one per view) as the loader cuts them."""
+    train_dir, _ = resolve_paths(cfg.data, log=lambda *_: None)
+    loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=batch_size, seed=0,
+                          views=view_crops(augment), train=True)
+    loader.set_epoch(0)
+    views, _, _ = next(iter(loader))
+    return views

@@ -2,9 +2,7 @@
 patch k rows below, the loss is InfoNCE computed by hand, a few steps learn, resume is exact, config
 errors name the key, and the evaluated / exported backbone pools the grid."""
 import copy
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +12,14 @@ import torchvision
 
 import fastssl.train.trainer as trainer
 from fastssl.config import ConfigError
-from fastssl.data import build_loader, resolve_paths
 from fastssl.eval.commands import export_backbone
-from fastssl.methods import build_augment, build_method, view_crops
+from fastssl.methods import build_augment, build_method
 from fastssl.methods.cpc import ContextNetwork, cpc_loss, fitted_size, patch_grid, top1_accuracy
 from fastssl.optim import build_optimizer
 from fastssl.train import train
 from fastssl.train.checkpoint import load_checkpoint
 from fastssl.train.trainer import train_step
+from conftest import loader_batch, train_records
 
 CPU = torch.device("cpu")
 # 16-px images: a 3 x 3 grid of 8-px patches at stride 4, predictions 1 and 2 rows below.
@@ -146,15 +144,6 @@ def test_top1_accuracy_counts_queries_whose_nearest_key_is_the_target():
 
 # --- 5. a few steps learn --------------------------------------------------------------------------------
 
-def first_batch(cfg, augment, batch_size=8):
-    train_dir, _ = resolve_paths(cfg.data, log=lambda *_: None)
-    loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=batch_size, seed=0,
-                          views=view_crops(augment), train=True)
-    loader.set_epoch(0)
-    views, _, _ = next(iter(loader))
-    return views
-
-
 def fixed_loss(model, x):
     """The training-mode loss and stats on augmented batch `x`, changing nothing in the model."""
     state = copy.deepcopy(model.state_dict())
@@ -171,7 +160,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
     model, augment = build_method(cfg), build_augment(cfg)
     assert len(augment.views) == 1
     model.set_schedule(5, 10)
-    views = first_batch(cfg, augment)
+    views = loader_batch(cfg, augment, batch_size=8)
     gen = trainer.augment_generator(0, 0)                                     # what train_step draws for step 0
     x = [view.apply(v, view.sample(v.shape[0], gen)) for view, v in zip(augment.views, views)]
     before, stats = fixed_loss(model, x)
@@ -186,11 +175,6 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
 
 
 # --- 6. resume is exact ----------------------------------------------------------------------------------
-
-def train_records(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == "train"]
-
 
 def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: {"knn_top1": 0.0})

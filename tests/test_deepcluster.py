@@ -2,9 +2,7 @@
 training through the trainer (indices reach the method, the classifier's optimiser state is
 dropped), exact resume and export. The k-means itself is tested in test_cluster.py; the features
 gathered over 2 gloo ranks in test_methods_distributed.py."""
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from fastssl.optim import build_optimizer
 from fastssl.train import train, trainer
 from fastssl.train.checkpoint import load_checkpoint
 from fastssl.train.distributed import DistInfo
+from conftest import train_records
 
 CPU = torch.device("cpu")
 SMALL = {"method.name": "deepcluster", "method.deepcluster.clusters": 12, "method.deepcluster.pca_dim": 16,
@@ -38,11 +37,6 @@ def config(tiny_config, **overrides):
 def features_of(cfg):
     train_dir, _ = resolve_paths(cfg.data, log=lambda *_: None)
     return trainer.training_features(cfg, train_dir, CPU, DistInfo())
-
-
-def train_records(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == "train"]
 
 
 # --- the sampler ------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 computations, MoCo's queue and DINO's centre and schedules behave, resume is exact, and the config
 errors, multi-crop views and collapse warnings reach the user."""
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import torch.nn.functional as F
 
 import fastssl.train.trainer as trainer
 from fastssl.config import ConfigError, load_config
-from fastssl.data import build_loader, resolve_paths
 from fastssl.methods import EMBEDDING_METHODS, METHODS, build_augment, build_method, view_crops
 from fastssl.methods.base import Method, cosine_momentum, ema_update, output_std
 from fastssl.methods.byol import byol_loss
@@ -23,6 +21,7 @@ from fastssl.optim import build_optimizer
 from fastssl.train import train
 from fastssl.train.checkpoint import load_checkpoint
 from fastssl.train.trainer import train_step
+from conftest import loader_batch, train_records
 
 CPU = torch.device("cpu")
 # Small heads for every method (the defaults are the papers' 4096-wide predictors, 65536 prototypes).
@@ -48,11 +47,6 @@ def method_config(tiny_config, name, **overrides):
     return tiny_config(**{"method.name": name, **SMALL, **overrides})
 
 
-def train_records(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == "train"]
-
-
 def random_views(augment, n=8, seed=0):
     """uint8 images of each view's size (the loader's output)."""
     gen = torch.Generator().manual_seed(seed)
@@ -63,15 +57,6 @@ def augmented(augment, views, gen=None):
     """The float views the model sees, from fixed augmentation parameters."""
     gen = gen if gen is not None else torch.Generator().manual_seed(0)
     return [view.apply(v, view.sample(v.shape[0], gen)) for view, v in zip(augment.views, views)]
-
-
-def loader_batch(cfg, augment, batch_size=16):
-    train_dir, _ = resolve_paths(cfg.data, log=lambda *_: None)
-    loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=batch_size, seed=0,
-                          views=view_crops(augment), train=True)
-    loader.set_epoch(0)
-    views, _, _ = next(iter(loader))
-    return views
 
 
 # --- 1. every method learns ------------------------------------------------------------------------

@@ -2,23 +2,21 @@
 teacher features, mean_min_d and the teacher follow their EMA formulas, the student learns,
 resume is exact, and the config errors name the key."""
 import copy
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastssl.train.trainer as trainer
 from fastssl.config import ConfigError
-from fastssl.data import build_loader, resolve_paths
-from fastssl.methods import build_augment, build_method, view_crops
+from fastssl.methods import build_augment, build_method
 from fastssl.methods.base import cosine_momentum
 from fastssl.methods.obow import drop_border, sample_words, soft_bow, stage_maps, word_distances
 from fastssl.optim import build_optimizer
 from fastssl.train import train
 from fastssl.train.checkpoint import load_checkpoint
 from fastssl.train.trainer import train_step
+from conftest import loader_batch, train_records
 
 CPU = torch.device("cpu")
 TINY = {"method.name": "obow", "model.backbone": "resnet18", "method.obow.vocabulary_size": 32,
@@ -178,15 +176,6 @@ def test_teacher_gets_no_gradient_and_moves_only_by_the_scheduled_ema(tiny_confi
 
 # --- learning ----------------------------------------------------------------------------------------------
 
-def loader_batch(cfg, augment, batch_size=8):
-    train_dir, _ = resolve_paths(cfg.data, log=lambda *_: None)
-    loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=batch_size, seed=0,
-                          views=view_crops(augment), train=True)
-    loader.set_epoch(0)
-    views, _, _ = next(iter(loader))
-    return views
-
-
 def augmented(augment, views, gen):
     """The float views the model sees, from fixed augmentation parameters."""
     return [view.apply(v, view.sample(v.shape[0], gen)) for view, v in zip(augment.views, views)]
@@ -223,11 +212,6 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
 
 
 # --- resume -------------------------------------------------------------------------------------------------
-
-def train_records(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == "train"]
-
 
 def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: {"knn_top1": 0.0})

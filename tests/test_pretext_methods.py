@@ -2,10 +2,8 @@
 line against chance, resumes exactly, shows its batch; multi-task modes, split-brain's two halves,
 colourisation's L-only representation, the adversarial term's separation, and config errors."""
 import copy
-import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +25,7 @@ from fastssl.show import batch_rows, write_show
 from fastssl.train import train
 from fastssl.train.checkpoint import load_checkpoint
 from fastssl.train.trainer import train_step
+from conftest import train_records
 
 CPU = torch.device("cpu")
 PRETEXT = [cls.name for cls in PRETEXT_METHODS]
@@ -120,11 +119,6 @@ def test_held_out_lines_name_the_task_and_the_baseline(tiny_config, name):
 def test_embedding_methods_have_no_pretext_line(tiny_config):
     cfg = tiny_config()
     assert pretext_lines(build_method(cfg), []) == []
-
-
-def train_records(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == "train"]
 
 
 @pytest.mark.parametrize("name,mode", [("jigsaw", "sum"), ("colorization", "sum"), ("multitask", "alternate")])

@@ -11,11 +11,7 @@ import torch
 from fastssl.config import flatten, to_dict
 from fastssl.train import NonFiniteLossError, train
 from fastssl.train.checkpoint import load_checkpoint, save_atomic, save_checkpoint
-
-
-def train_records(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == "train"]
+from conftest import train_records
 
 
 def test_short_run_loss_decreases_and_writes_everything(tiny_config):

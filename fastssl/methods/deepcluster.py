@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from fastssl.cluster import kmeans, nmi, pca_whiten
 from fastssl.config import Config, ConfigError
 from fastssl.methods.base import Method, Output, Views, output_std
-from fastssl.methods.pretext import PLAIN_VIEW
 from fastssl.models import build_backbone
 
 log = logging.getLogger("fastssl")
@@ -104,7 +103,7 @@ class DeepCluster(Method):
 
     @classmethod
     def default_views(cls, cfg: Config) -> List[dict]:
-        return [dict(PLAIN_VIEW)]       # random crop and flip (the paper's); Sobel discards colour anyway
+        return [{}]       # one view with the augment section's settings
 
     @classmethod
     def check_views(cls, views) -> None:
