@@ -1,6 +1,7 @@
 """Shared fixtures (a tiny embedded dataset, a fast config for end-to-end runs) and helpers
 (`from conftest import ...`)."""
 import json
+import math
 import os
 from pathlib import Path
 
@@ -74,3 +75,27 @@ def loader_batch(cfg, augment, batch_size=16):
     loader.set_epoch(0)
     views, _, _ = next(iter(loader))
     return views
+
+
+def check_exact_resume(config, tmp_path, stops=({"train.stop_after_steps": 3},), steps=10):
+    """Train `config(run_name, **overrides)` uninterrupted, then once per entry of `stops`
+    interrupted there and resumed (train.resume=true): every train loss and every tensor of the
+    final model state must match the uninterrupted run's. Returns that run's final model state.
+    The caller stubs out the kNN evaluation (test_train.py covers it)."""
+    from fastssl.train import train
+    from fastssl.train.checkpoint import load_checkpoint
+    train(config("full"))
+    full_losses = [r["loss"] for r in train_records(tmp_path / "full")]
+    full_model = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
+    assert len(full_losses) == steps and all(map(math.isfinite, full_losses)), full_losses
+    for i, stop in enumerate(stops):
+        run = f"part{i}"
+        assert train(config(run, **stop)) == {}, stop
+        if "train.stop_after_steps" in stop:
+            assert len(train_records(tmp_path / run)) == stop["train.stop_after_steps"]
+        train(config(run, **{"train.resume": True}))
+        assert [r["loss"] for r in train_records(tmp_path / run)] == full_losses, stop
+        resumed = load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["model"]
+        assert resumed.keys() == full_model.keys(), stop
+        assert [k for k in full_model if not torch.equal(full_model[k], resumed[k])] == [], stop
+    return full_model

@@ -16,10 +16,8 @@ from fastssl.eval.commands import export_backbone
 from fastssl.methods import build_augment, build_method
 from fastssl.methods.cpc import ContextNetwork, cpc_loss, fitted_size, patch_grid, top1_accuracy
 from fastssl.optim import build_optimizer
-from fastssl.train import train
-from fastssl.train.checkpoint import load_checkpoint
 from fastssl.train.trainer import train_step
-from conftest import loader_batch, train_records
+from conftest import check_exact_resume, loader_batch
 
 CPU = torch.device("cpu")
 # 16-px images: a 3 x 3 grid of 8-px patches at stride 4, predictions 1 and 2 rows below.
@@ -182,18 +180,8 @@ def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
     def config(run, **kw):
         return cpc_config(tiny_config, **FAST, **{"run.dir": str(tmp_path / run), **kw})
 
-    train(config("full"))
-    full_losses = [r["loss"] for r in train_records(tmp_path / "full")]
-    full_model = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
-    assert len(full_losses) == 10 and all(map(math.isfinite, full_losses))
+    full_model = check_exact_resume(config, tmp_path)
     assert {"context.blocks.0.mix.weight", "predictors.1.weight"} <= set(full_model)
-    assert train(config("part", **{"train.stop_after_steps": 3})) == {}
-    assert len(train_records(tmp_path / "part")) == 3
-    train(config("part", **{"train.resume": True}))
-    assert [r["loss"] for r in train_records(tmp_path / "part")] == full_losses
-    resumed = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["model"]
-    assert resumed.keys() == full_model.keys()
-    assert [k for k in full_model if not torch.equal(full_model[k], resumed[k])] == []
 
 
 # --- 7. config errors --------------------------------------------------------------------------------------

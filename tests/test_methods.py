@@ -19,9 +19,8 @@ from fastssl.methods.dino import dino_loss
 from fastssl.methods.moco import enqueue
 from fastssl.optim import build_optimizer
 from fastssl.train import train
-from fastssl.train.checkpoint import load_checkpoint
 from fastssl.train.trainer import train_step
-from conftest import loader_batch, train_records
+from conftest import check_exact_resume, loader_batch, train_records
 
 CPU = torch.device("cpu")
 # Small heads for every method (the defaults are the papers' 4096-wide predictors, 65536 prototypes).
@@ -379,26 +378,14 @@ def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch, name):
     # uninterrupted run; the kNN evaluation is not under test here (test_train.py covers it).
     monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: {"knn_top1": 0.0})
     config = lambda run, **kw: method_config(tiny_config, name, **FAST, **{"run.dir": str(tmp_path / run), **kw})
-    train(config("full"))
-    full_losses = [r["loss"] for r in train_records(tmp_path / "full")]
-    full_model = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
-    assert len(full_losses) == 10 and all(map(math.isfinite, full_losses))
+    stops = [{"train.stop_after_epochs": 1}]
+    if name in ("moco_v2", "dino"):
+        stops.append({"train.stop_after_steps": 3})                 # mid-epoch: last.pt with the position
+    full_model = check_exact_resume(config, tmp_path, stops)
     expected_keys = {"moco_v2": ["queue", "queue_ptr", "key_backbone.conv1.weight"],
                      "moco_v3": ["key_projector.0.weight"], "byol": ["target_backbone.conv1.weight"],
                      "simsiam": ["predictor.0.weight"], "dino": ["center", "teacher_head.last_layer.weight"]}
     assert set(expected_keys[name]) <= set(full_model)
-    stops = [{"train.stop_after_epochs": 1}]
-    if name in ("moco_v2", "dino"):
-        stops.append({"train.stop_after_steps": 3})                 # mid-epoch: last.pt with the position
-    for i, stop in enumerate(stops):
-        run = f"part{i}"
-        assert train(config(run, **stop)) == {}
-        assert len(train_records(tmp_path / run)) == (5 if i == 0 else 3)
-        train(config(run, **{"train.resume": True}))
-        assert [r["loss"] for r in train_records(tmp_path / run)] == full_losses
-        resumed = load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["model"]
-        assert resumed.keys() == full_model.keys()
-        assert [k for k in full_model if not torch.equal(full_model[k], resumed[k])] == []
 
 
 # --- 9. config errors name the key -----------------------------------------------------------------

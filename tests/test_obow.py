@@ -13,10 +13,8 @@ from fastssl.methods import build_augment, build_method
 from fastssl.methods.base import cosine_momentum
 from fastssl.methods.obow import drop_border, sample_words, soft_bow, stage_maps, word_distances
 from fastssl.optim import build_optimizer
-from fastssl.train import train
-from fastssl.train.checkpoint import load_checkpoint
 from fastssl.train.trainer import train_step
-from conftest import loader_batch, train_records
+from conftest import check_exact_resume, loader_batch
 
 CPU = torch.device("cpu")
 TINY = {"method.name": "obow", "model.backbone": "resnet18", "method.obow.vocabulary_size": 32,
@@ -216,21 +214,11 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
 def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: {"knn_top1": 0.0})
     config = lambda run, **kw: obow_config(tiny_config, **FAST, **{"run.dir": str(tmp_path / run), **kw})
-    train(config("full"))
-    full_losses = [r["loss"] for r in train_records(tmp_path / "full")]
-    full_model = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
-    assert len(full_losses) == 10 and all(map(math.isfinite, full_losses))
+    full_model = check_exact_resume(config, tmp_path)      # mid-epoch, at step 3
     for level in ("layer3", "layer4"):
         assert {f"vocabularies.{level}.{b}" for b in BUFFERS} <= set(full_model)
     assert "teacher_backbone.conv1.weight" in full_model
     assert full_model["vocabularies.layer4.ptr"].item() == 10 * 4 % 32
-    assert train(config("part", **{"train.stop_after_steps": 3})) == {}       # mid-epoch
-    assert len(train_records(tmp_path / "part")) == 3
-    train(config("part", **{"train.resume": True}))
-    assert [r["loss"] for r in train_records(tmp_path / "part")] == full_losses
-    resumed = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["model"]
-    assert resumed.keys() == full_model.keys()
-    assert [k for k in full_model if not torch.equal(full_model[k], resumed[k])] == []
 
 
 # --- views and config errors ------------------------------------------------------------------------------

@@ -22,10 +22,8 @@ from fastssl.methods.pretext import step_generator
 from fastssl.optim import build_optimizer
 from fastssl.pretext.color import lab_to_rgb, rgb_to_lab
 from fastssl.show import batch_rows, write_show
-from fastssl.train import train
-from fastssl.train.checkpoint import load_checkpoint
 from fastssl.train.trainer import train_step
-from conftest import train_records
+from conftest import check_exact_resume
 
 CPU = torch.device("cpu")
 PRETEXT = [cls.name for cls in PRETEXT_METHODS]
@@ -131,15 +129,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch, name, mode
         return task_config(tiny_config, name, **FAST, **{"method.multitask.mode": mode, "run.dir": str(tmp_path / run),
                                                          **kw})
 
-    train(config("full"))
-    full_losses = [r["loss"] for r in train_records(tmp_path / "full")]
-    full_model = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
-    assert len(full_losses) == 10 and all(map(math.isfinite, full_losses))
-    assert train(config("part", **{"train.stop_after_steps": 3})) == {}
-    train(config("part", **{"train.resume": True}))
-    assert [r["loss"] for r in train_records(tmp_path / "part")] == full_losses
-    resumed = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["model"]
-    assert [k for k in full_model if not torch.equal(full_model[k], resumed[k])] == []
+    full_model = check_exact_resume(config, tmp_path)
     if name == "jigsaw":
         assert full_model["tasks.jigsaw.permutations"].shape == (10, 9)
     if name == "colorization":
