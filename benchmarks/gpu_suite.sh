@@ -10,6 +10,25 @@ mkdir -p benchmarks/results/logs
 import torch; print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 PYEOF
 
+# budget_runs NAME PATTERN LINES METHOD...: every method with the demo's settings (its per_method
+# section included) for the same fixed budget (20 epochs, batch 256) on a larger embedded dataset
+# at 32 px and at 96 px; the last LINES lines matching PATTERN of each run (kNN top-1, images/s,
+# pretext lines) go to benchmarks/results/logs/NAME_gpu.log, its metrics to runs/gpu_NAME/.
+budget_runs() {
+    local name=$1 pattern=$2 lines=$3
+    shift 3
+    for px in 32 96; do
+        for method in "$@"; do
+            echo "== $method ${px}px" | tee -a "benchmarks/results/logs/${name}_gpu.log"
+            "$PY" -m fastssl train --config configs/demo.yaml method.name="$method" train.device=cuda \
+                data.embedded_train_per_class=2000 data.embedded_val_per_class=200 data.embedded_image_size=$px \
+                augment.size=$px method.dino.local_size=$((px / 2)) data.workers=8 train.epochs=20 \
+                train.batch_size=256 run.dir="runs/gpu_${name}/${method}_${px}px" 2>&1 \
+                | grep -E "$pattern" | tail -"$lines" | tee -a "benchmarks/results/logs/${name}_gpu.log"
+        done
+    done
+}
+
 # ---------------------------------------------------------------- stage: loss (InfoNCE / NT-Xent)
 # 1. correctness: the loss tests on the GPU (compiled Triton kernels, not the interpreter; the
 #    GPU-only checks: triton vs chunked beyond the reference, O((R+C)D) memory, inductor +
@@ -62,38 +81,17 @@ fi
 # 1. correctness on the GPU: every method's unit, resume and distributed tests.
 env -u TRITON_INTERPRET "$PY" -m pytest tests/test_methods.py tests/test_methods_distributed.py -q -rs 2>&1 \
     | tee benchmarks/results/logs/test_methods_gpu.log
-# 2. every method for the same fixed budget (the demo's settings, 20 epochs, batch 256) on a larger
-#    embedded dataset at 32 px and at 96 px: images/s and kNN top-1 side by side, each run's final
-#    line in benchmarks/results/logs/methods_gpu.log and its metrics under runs/gpu_methods/.
-for px in 32 96; do
-    for method in simclr moco_v2 moco_v3 byol simsiam dino; do
-        echo "== $method ${px}px" | tee -a benchmarks/results/logs/methods_gpu.log
-        "$PY" -m fastssl train --config configs/demo.yaml method.name=$method train.device=cuda \
-            data.embedded_train_per_class=2000 data.embedded_val_per_class=200 data.embedded_image_size=$px \
-            augment.size=$px method.dino.local_size=$((px / 2)) data.workers=8 train.epochs=20 \
-            train.batch_size=256 run.dir=runs/gpu_methods/${method}_${px}px 2>&1 \
-            | grep -E "kNN top-1|img/s" | tail -2 | tee -a benchmarks/results/logs/methods_gpu.log
-    done
-done
+# 2. every method for the same fixed budget: images/s and kNN top-1 side by side.
+budget_runs methods "kNN top-1|img/s" 2 simclr moco_v2 moco_v3 byol simsiam dino
 
 # ------------------------------------------------------- stage: pretext tasks (same data, same budget)
 # 1. correctness on the GPU: the batched pretext ops against their per-image references, Lab on
 #    the device, every task's unit and resume tests.
 env -u TRITON_INTERPRET "$PY" -m pytest tests/test_pretext_color.py tests/test_pretext_patches.py \
     tests/test_pretext_methods.py -q -rs 2>&1 | tee benchmarks/results/logs/test_pretext_gpu.log
-# 2. every task with the demo's settings (its per_method section included) for 20 epochs at
-#    32 and 96 px: the pretext line, kNN top-1 and images/s of each run in
-#    benchmarks/results/logs/pretext_gpu.log.
-for px in 32 96; do
-    for method in rotation jigsaw relative_position colorization inpainting split_brain super_resolution multitask; do
-        echo "== $method ${px}px" | tee -a benchmarks/results/logs/pretext_gpu.log
-        "$PY" -m fastssl train --config configs/demo.yaml method.name=$method train.device=cuda \
-            data.embedded_train_per_class=2000 data.embedded_val_per_class=200 data.embedded_image_size=$px \
-            augment.size=$px data.workers=8 train.epochs=20 train.batch_size=256 \
-            run.dir=runs/gpu_pretext/${method}_${px}px 2>&1 \
-            | grep -E "^pretext|kNN top-1|img/s" | tail -4 | tee -a benchmarks/results/logs/pretext_gpu.log
-    done
-done
+# 2. every task for the same fixed budget: its pretext line, kNN top-1 and images/s.
+budget_runs pretext "^pretext|kNN top-1|img/s" 4 rotation jigsaw relative_position colorization inpainting \
+    split_brain super_resolution multitask
 
 # ---------------------------------------- stage: clustering and predictive methods (DeepCluster, OBoW, CPC)
 # 1. correctness on the GPU: k-means on CUDA against the CPU result, the methods' unit and resume
@@ -111,14 +109,5 @@ for k in (1000, 10000):
     torch.cuda.synchronize()
     print(f"kmeans n={len(x)} d=256 k={k} 20 iterations: {time.perf_counter() - start:.1f}s, inertia {result.inertia:.0f}")
 PYEOF
-# 3. the demo's settings (per_method sections included) for 20 epochs at 32 and 96 px, as above.
-for px in 32 96; do
-    for method in deepcluster obow cpc; do
-        echo "== $method ${px}px" | tee -a benchmarks/results/logs/clustering_gpu.log
-        "$PY" -m fastssl train --config configs/demo.yaml method.name=$method train.device=cuda \
-            data.embedded_train_per_class=2000 data.embedded_val_per_class=200 data.embedded_image_size=$px \
-            augment.size=$px data.workers=8 train.epochs=20 train.batch_size=256 \
-            run.dir=runs/gpu_clustering/${method}_${px}px 2>&1 \
-            | grep -E "kNN top-1|img/s" | tail -2 | tee -a benchmarks/results/logs/clustering_gpu.log
-    done
-done
+# 3. each method for the same fixed budget, as above.
+budget_runs clustering "kNN top-1|img/s" 2 deepcluster obow cpc

@@ -1,5 +1,6 @@
 """Shared fixtures (a tiny embedded dataset, a fast config for end-to-end runs) and helpers
 (`from conftest import ...`)."""
+import copy
 import json
 import math
 import os
@@ -99,3 +100,32 @@ def check_exact_resume(config, tmp_path, stops=({"train.stop_after_steps": 3},),
         assert resumed.keys() == full_model.keys(), stop
         assert [k for k in full_model if not torch.equal(full_model[k], resumed[k])] == [], stop
     return full_model
+
+
+def augmented(augment, views, gen=None):
+    """The float views the model sees, from fixed augmentation parameters (drawn from `gen`, by
+    default seed 0; `trainer.augment_generator(0, 0)` gives what train_step draws for step 0)."""
+    gen = gen if gen is not None else torch.Generator().manual_seed(0)
+    return [view.apply(v, view.sample(v.shape[0], gen)) for view, v in zip(augment.views, views)]
+
+
+# What a forward leaves pending for after_step (MoCo's keys, DINO's centre, OBoW's words).
+PENDING = ("pending_keys", "pending_center", "pending")
+
+
+def fixed_batch_loss(model, x, buffers=None, indices=None):
+    """(loss, stats) of `model` on the augmented views `x` at step 0 in train mode, with `buffers`
+    (e.g. the initial queue, centre or vocabulary, so that only the trained weights differ) loaded
+    over its state and `indices` passed to a method that needs them; the model, the global RNG and
+    what forward leaves pending end as they were."""
+    state = copy.deepcopy(model.state_dict())
+    model.load_state_dict({**state, **(buffers or {})})
+    model.before_step(0)                           # the scheduled values of step 0 both times
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model.train()
+        loss, stats = model(x, indices) if model.needs_indices else model(x)
+    model.load_state_dict(state)
+    for attr in PENDING:
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    return loss.item(), stats

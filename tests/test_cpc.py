@@ -1,7 +1,6 @@
 """CPC: the patch grid covers the crop, the context is row-causal, each prediction's positive is the
 patch k rows below, the loss is InfoNCE computed by hand, a few steps learn, resume is exact, config
 errors name the key, and the evaluated / exported backbone pools the grid."""
-import copy
 import math
 
 import pytest
@@ -17,7 +16,7 @@ from fastssl.methods import build_augment, build_method
 from fastssl.methods.cpc import ContextNetwork, cpc_loss, fitted_size, patch_grid, top1_accuracy
 from fastssl.optim import build_optimizer
 from fastssl.train.trainer import train_step
-from conftest import check_exact_resume, loader_batch
+from conftest import augmented, check_exact_resume, fixed_batch_loss, loader_batch
 
 CPU = torch.device("cpu")
 # 16-px images: a 3 x 3 grid of 8-px patches at stride 4, predictions 1 and 2 rows below.
@@ -142,31 +141,19 @@ def test_top1_accuracy_counts_queries_whose_nearest_key_is_the_target():
 
 # --- 5. a few steps learn --------------------------------------------------------------------------------
 
-def fixed_loss(model, x):
-    """The training-mode loss and stats on augmented batch `x`, changing nothing in the model."""
-    state = copy.deepcopy(model.state_dict())
-    model.before_step(0)
-    model.train()
-    with torch.no_grad():
-        loss, stats = model(x)
-    model.load_state_dict(state)
-    return loss.item(), stats
-
-
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
     cfg = cpc_config(tiny_config)
     model, augment = build_method(cfg), build_augment(cfg)
     assert len(augment.views) == 1
     model.set_schedule(5, 10)
     views = loader_batch(cfg, augment, batch_size=8)
-    gen = trainer.augment_generator(0, 0)                                     # what train_step draws for step 0
-    x = [view.apply(v, view.sample(v.shape[0], gen)) for view, v in zip(augment.views, views)]
-    before, stats = fixed_loss(model, x)
+    x = augmented(augment, views, trainer.augment_generator(0, 0))             # what train_step draws for step 0
+    before, stats = fixed_batch_loss(model, x)
     assert stats["z_dim"] == 512 and stats["z_std"] > 0 and 0 <= stats["patch_top1"] <= 1
     optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr)
     losses = [train_step(views, 0, 0, model=model, optimizer=optimizer, scaler=None, augment=augment, device=CPU,
                          autocast_dtype=None)[0] for _ in range(4)]
-    after, _ = fixed_loss(model, x)
+    after, _ = fixed_batch_loss(model, x)
     assert all(math.isfinite(v) for v in losses + [after]), losses
     assert losses[0] == pytest.approx(before, rel=1e-4)
     assert after < 0.9 * before, (before, after, losses)

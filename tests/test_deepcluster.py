@@ -16,7 +16,7 @@ from fastssl.optim import build_optimizer
 from fastssl.train import train, trainer
 from fastssl.train.checkpoint import load_checkpoint
 from fastssl.train.distributed import DistInfo
-from conftest import check_exact_resume, train_records
+from conftest import augmented, check_exact_resume, fixed_batch_loss, train_records
 
 CPU = torch.device("cpu")
 SMALL = {"method.name": "deepcluster", "method.deepcluster.clusters": 12, "method.deepcluster.pca_dim": 16,
@@ -139,18 +139,12 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
     loader = build_loader(cfg.data, train_dir, size=16, batch_size=16, views=view_crops(augment), train=True)
     loader.set_epoch(0, order=model.epoch_order(0))
     views, _, indices = next(iter(loader))
-    x = [v.apply(view, v.sample(view.shape[0], trainer.augment_generator(0, 0))) for v, view in zip(augment.views,
-                                                                                                      views)]
-
-    def fixed_loss():
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            return model(x, indices)[0].item()
-
-    before = fixed_loss()
+    x = augmented(augment, views, trainer.augment_generator(0, 0))
+    before, _ = fixed_batch_loss(model, x, indices=indices)
     optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr)
     losses = [trainer.train_step(views, 0, 0, model=model, optimizer=optimizer, scaler=None, augment=augment,
                                  device=CPU, autocast_dtype=None, indices=indices)[0] for _ in range(4)]
-    after = fixed_loss()
+    after, _ = fixed_batch_loss(model, x, indices=indices)
     assert losses[0] == pytest.approx(before, rel=1e-4)
     assert all(math.isfinite(v) for v in losses + [after]) and after < 0.9 * before, (before, after, losses)
 

@@ -1,7 +1,6 @@
 """The methods: each learns, EMA teachers and stop-gradients carry no gradient, the losses match hand
 computations, MoCo's queue and DINO's centre and schedules behave, resume is exact, and the config
 errors, multi-crop views and collapse warnings reach the user."""
-import copy
 import math
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from fastssl.methods.moco import enqueue
 from fastssl.optim import build_optimizer
 from fastssl.train import train
 from fastssl.train.trainer import train_step
-from conftest import check_exact_resume, loader_batch, train_records
+from conftest import augmented, check_exact_resume, fixed_batch_loss, loader_batch, train_records
 
 CPU = torch.device("cpu")
 # Small heads for every method (the defaults are the papers' 4096-wide predictors, 65536 prototypes).
@@ -52,29 +51,7 @@ def random_views(augment, n=8, seed=0):
     return [torch.randint(0, 256, (n, 3, v.size, v.size), dtype=torch.uint8, generator=gen) for v in augment.views]
 
 
-def augmented(augment, views, gen=None):
-    """The float views the model sees, from fixed augmentation parameters."""
-    gen = gen if gen is not None else torch.Generator().manual_seed(0)
-    return [view.apply(v, view.sample(v.shape[0], gen)) for view, v in zip(augment.views, views)]
-
-
 # --- 1. every method learns ------------------------------------------------------------------------
-
-def fixed_batch_loss(model, x, buffers):
-    """The loss on one fixed augmented batch with the queue / centre set to `buffers` (the initial
-    ones, so only the trained weights differ), train mode, changing nothing in the model."""
-    state = copy.deepcopy(model.state_dict())
-    model.load_state_dict({**state, **buffers})
-    model.before_step(0)                           # DINO's teacher temperature of step 0 both times
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        model.train()
-        loss, _ = model(x)
-    model.load_state_dict(state)
-    for attr in ("pending_keys", "pending_center"):
-        if hasattr(model, attr):
-            setattr(model, attr, None)
-    return loss.item()
-
 
 @pytest.mark.parametrize("name", [cls.name for cls in EMBEDDING_METHODS])
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config, name):
@@ -89,11 +66,11 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config, name):
     views = loader_batch(cfg, augment, batch_size=8)
     x = augmented(augment, views, trainer.augment_generator(0, 0))     # what train_step draws for step 0
     buffers = {k: v.clone() for k, v in model.state_dict().items() if k in ("queue", "queue_ptr", "center")}
-    before = fixed_batch_loss(model, x, buffers)
+    before, _ = fixed_batch_loss(model, x, buffers)
     optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr)
     losses = [train_step(views, 0, 0, model=model, optimizer=optimizer, scaler=None, augment=augment, device=CPU,
                          autocast_dtype=None)[0] for _ in range(4)]
-    after = fixed_batch_loss(model, x, buffers)
+    after, _ = fixed_batch_loss(model, x, buffers)
     assert losses[0] == pytest.approx(before, rel=1e-4)                # the measured batch is the trained one
     assert all(math.isfinite(v) for v in losses + [after]), losses
     assert after < before - 0.05, (name, before, after, losses)

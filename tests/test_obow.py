@@ -14,7 +14,7 @@ from fastssl.methods.base import cosine_momentum
 from fastssl.methods.obow import drop_border, sample_words, soft_bow, stage_maps, word_distances
 from fastssl.optim import build_optimizer
 from fastssl.train.trainer import train_step
-from conftest import check_exact_resume, loader_batch
+from conftest import augmented, check_exact_resume, fixed_batch_loss, loader_batch
 
 CPU = torch.device("cpu")
 TINY = {"method.name": "obow", "model.backbone": "resnet18", "method.obow.vocabulary_size": 32,
@@ -174,23 +174,6 @@ def test_teacher_gets_no_gradient_and_moves_only_by_the_scheduled_ema(tiny_confi
 
 # --- learning ----------------------------------------------------------------------------------------------
 
-def augmented(augment, views, gen):
-    """The float views the model sees, from fixed augmentation parameters."""
-    return [view.apply(v, view.sample(v.shape[0], gen)) for view, v in zip(augment.views, views)]
-
-
-def fixed_batch_loss(model, x, buffers):
-    """The loss on one fixed batch with the initial vocabularies, changing nothing in the model."""
-    state = copy.deepcopy(model.state_dict())
-    model.load_state_dict({**state, **buffers})
-    with torch.no_grad():
-        model.train()
-        loss, _ = model(x)
-    model.load_state_dict(state)
-    model.pending = None
-    return loss.item()
-
-
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
     cfg = obow_config(tiny_config, **{"optim.name": "lars", "optim.lr": 2.0})
     model, augment = build_method(cfg), build_augment(cfg)
@@ -199,11 +182,11 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config):
     model.before_step(0)
     x = augmented(augment, views, trainer.augment_generator(0, 0))
     buffers = vocabulary_state(model)
-    before = fixed_batch_loss(model, x, buffers)
+    before, _ = fixed_batch_loss(model, x, buffers)
     optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr)
     losses = [train_step(views, 0, 0, model=model, optimizer=optimizer, scaler=None, augment=augment, device=CPU,
                          autocast_dtype=None)[0] for _ in range(4)]
-    after = fixed_batch_loss(model, x, buffers)
+    after, _ = fixed_batch_loss(model, x, buffers)
     assert losses[0] == pytest.approx(before, rel=1e-4)
     assert all(math.isfinite(v) for v in losses + [after]), losses
     assert after < before - 0.05, (before, after, losses)

@@ -1,7 +1,6 @@
 """The pretext tasks on the method interface: each learns under the trainer, reports its held-out
 line against chance, resumes exactly, shows its batch; multi-task modes, split-brain's two halves,
 colourisation's L-only representation, the adversarial term's separation, and config errors."""
-import copy
 import math
 import re
 
@@ -23,7 +22,7 @@ from fastssl.optim import build_optimizer
 from fastssl.pretext.color import lab_to_rgb, rgb_to_lab
 from fastssl.show import batch_rows, write_show
 from fastssl.train.trainer import train_step
-from conftest import check_exact_resume
+from conftest import augmented, check_exact_resume, fixed_batch_loss
 
 CPU = torch.device("cpu")
 PRETEXT = [cls.name for cls in PRETEXT_METHODS]
@@ -63,17 +62,6 @@ def first_batch(cfg, augment, batch_size=8, train_split=True):
     return loader
 
 
-def fixed_loss(model, x):
-    """The training-mode loss on augmented batch `x` at step 0, changing nothing in the model."""
-    state = copy.deepcopy(model.state_dict())
-    model.before_step(0)
-    model.train()
-    with torch.no_grad():
-        loss, _ = model(x)
-    model.load_state_dict(state)
-    return loss.item()
-
-
 def test_the_registry_holds_every_method():
     assert sorted(METHODS) == sorted([cls.name for cls in EMBEDDING_METHODS + CLUSTERING_AND_PREDICTIVE_METHODS]
                                      + PRETEXT)
@@ -89,13 +77,12 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config, name):
     model, augment = build_method(cfg), build_augment(cfg)
     model.set_schedule(5, 10)
     views, _, _ = next(iter(first_batch(cfg, augment)))
-    gen = trainer.augment_generator(0, 0)
-    x = [view.apply(v, view.sample(v.shape[0], gen)) for view, v in zip(augment.views, views)]
-    before = fixed_loss(model, x)
+    x = augmented(augment, views, trainer.augment_generator(0, 0))
+    before, _ = fixed_batch_loss(model, x)
     optimizer = build_optimizer(model, cfg.optim, 1.0)
     losses = [train_step(views, 0, 0, model=model, optimizer=optimizer, scaler=None, augment=augment, device=CPU,
                          autocast_dtype=None)[0] for _ in range(4)]
-    after = fixed_loss(model, x)
+    after, _ = fixed_batch_loss(model, x)
     assert all(math.isfinite(v) for v in losses + [after]), losses
     assert losses[0] == pytest.approx(before, rel=1e-3)
     assert after < 0.9 * before, (name, before, after, losses)

@@ -143,9 +143,12 @@ class EpochSampler(Sampler):
         sampling, e.g. uniform over clusters; indices may repeat)."""
         if order is not None:
             order = torch.as_tensor(order, dtype=torch.long).cpu()
-            if order.shape != (self.n,) or (self.n and not 0 <= int(order.min()) <= int(order.max()) < self.n):
+            if order.shape != (self.n,):
                 raise ValueError(f"an epoch order must hold {self.n} indices in [0, {self.n}), "
                                  f"got shape {tuple(order.shape)}")
+            if self.n and not 0 <= int(order.min()) <= int(order.max()) < self.n:
+                raise ValueError(f"an epoch order must hold {self.n} indices in [0, {self.n}), "
+                                 f"got values from {int(order.min())} to {int(order.max())}")
         self.epoch, self.start_batch, self.order = epoch, start_batch, order
 
     def batches_per_epoch(self) -> int:
@@ -159,7 +162,7 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
-        if self.order is not None:
+        if self.order is not None:    # the permutation is drawn all the same: the crop seeds below follow it
             order = self.order
         seeds = torch.randint(0, 2**62, (self.n,), generator=gen)
         if self.batch_size:

@@ -54,13 +54,17 @@ def eval_loaders(cfg: Config, device):
                               device=device, train=False) for root in (train_dir, val_dir))
 
 
-def features(cfg: Config, backbone, loaders, l2_normalize: bool) -> Tuple[torch.Tensor, ...]:
-    """(train features, train labels, val features, val labels) of one centre view per image."""
+def eval_preprocess(cfg: Config):
+    """Centre views (uint8) -> the backbone's input: normalised as the training views are, channels_last."""
     def preprocess(images):
         return normalize(images, cfg.augment.mean, cfg.augment.std).contiguous(memory_format=torch.channels_last)
+    return preprocess
 
-    train_f, train_y = extract_features(backbone, loaders[0], preprocess, normalize=l2_normalize)
-    val_f, val_y = extract_features(backbone, loaders[1], preprocess, normalize=l2_normalize)
+
+def features(cfg: Config, backbone, loaders, l2_normalize: bool) -> Tuple[torch.Tensor, ...]:
+    """(train features, train labels, val features, val labels) of one centre view per image."""
+    train_f, train_y = extract_features(backbone, loaders[0], eval_preprocess(cfg), normalize=l2_normalize)
+    val_f, val_y = extract_features(backbone, loaders[1], eval_preprocess(cfg), normalize=l2_normalize)
     return train_f, train_y, val_f, val_y
 
 

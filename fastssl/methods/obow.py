@@ -106,6 +106,11 @@ def stage_channels(backbone: nn.Module, name: str) -> int:
     return [m for m in getattr(backbone, name).modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
 
+def global_views(student_sizes: Sequence[int]) -> int:
+    """How many of the student's views are global: the leading run of views of the first size."""
+    return next((i for i, size in enumerate(student_sizes) if size != student_sizes[0]), len(student_sizes))
+
+
 class Vocabulary(nn.Module):
     """One level's words (a FIFO queue of teacher features), its pointer and mean_min_d."""
 
@@ -164,8 +169,7 @@ class OBoW(Method):
             raise ConfigError(f"augment.views: obow needs the teacher's view, then the student's views, "
                               f"got {len(views)} view(s)")
         student = [v.size for v in views[1:]]
-        n_global = next((i for i, size in enumerate(student) if size != student[0]), len(student))
-        if len(set(student[n_global:])) > 1:
+        if len(set(student[global_views(student):])) > 1:
             raise ConfigError(f"augment.views: obow's student views are a run of one size, then small crops of "
                               f"one size; got sizes {student} px after the teacher's view")
 
@@ -200,8 +204,7 @@ class OBoW(Method):
 
     def forward(self, views: Views) -> Output:
         student = split_views(views[1:], self.backbone)             # per student view, (N, D)
-        sizes = [v.shape[-1] for v in views[1:]]
-        n_global = next((i for i, size in enumerate(sizes) if size != sizes[0]), len(sizes))
+        n_global = global_views([v.shape[-1] for v in views[1:]])
         targets, self.pending = self.teacher_targets(views[0])
         f = torch.cat(student).float()
         loss, stats = 0.0, {}

@@ -25,10 +25,10 @@ from typing import Dict
 
 import torch
 
-from fastssl.augment import normalize
 from fastssl.config import Config, ConfigError, save_config, to_dict
 from fastssl.data import build_loader, resolve_paths
-from fastssl.eval.commands import eval_loaders, knn_top1, on_device, pretext_lines
+from fastssl.eval.commands import eval_loaders, eval_preprocess, knn_top1, on_device, pretext_lines
+from fastssl.eval.knn import extract_features
 from fastssl.methods import Method, build_augment, build_method, view_crops
 from fastssl.optim import build_optimizer, lr_at, scaled_lr
 from fastssl.train.checkpoint import find_and_load, rng_state, save_checkpoint, save_last, set_rng_state
@@ -305,21 +305,15 @@ def training_features(cfg: Config, train_dir, device: torch.device, dist_info: D
     The loader is built at the first call (most methods never make one)."""
     loader = None
 
-    @torch.no_grad()
     def features(net: torch.nn.Module) -> torch.Tensor:
         nonlocal loader
         if loader is None:
             loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=cfg.eval.batch_size,
                                   device=device, train=False, rank=dist_info.rank, world_size=dist_info.world_size)
-        was_training = net.training
-        net.eval()
-        rows, indices = [], []
-        for views, _, index in loader:
-            images = normalize(views[0], cfg.augment.mean, cfg.augment.std)
-            rows.append(net(images.contiguous(memory_format=torch.channels_last)).float())
-            indices.append(index)
-        net.train(was_training)
-        return gather_rows(torch.cat(rows), torch.cat(indices), len(loader.samples), dist_info)
+        rows, _ = extract_features(net, loader, eval_preprocess(cfg), normalize=False)
+        n = len(loader.samples)
+        # the evaluation loader's share of this rank: images rank, rank + W, ...
+        return gather_rows(rows, torch.arange(dist_info.rank, n, dist_info.world_size), n, dist_info)
 
     return features
 
