@@ -31,9 +31,23 @@ class DataConfig:
     val: str = ""
     """ImageFolder for evaluation; empty means the embedded dataset's `val/` split."""
     loader: str = "pil"
-    """Input pipeline: `pil` (CPU DataLoader with PIL, the reference)."""
+    """Input pipeline: `pil` (CPU DataLoader decoding with PIL, the reference), `torch` (JPEGs
+    decoded in batches by torchvision on the training device), `dali` (NVIDIA DALI: nvJPEG on the
+    GPU, a CPU pipeline without one) or `ffcv` (FFCV .beton files, see `fastssl convert`)."""
     workers: int = 2
-    """DataLoader worker processes (0 loads in the main process)."""
+    """Worker processes (pil, torch: file reading; 0 reads in the main process) or threads (dali, ffcv)."""
+    on_bad_image: str = "error"
+    """An unreadable image (empty, not an image, truncated, undecodable): `error` stops the run
+    naming the file; `skip` uses the next readable image instead and lists the file in
+    <run.dir>/skipped_images.tsv."""
+    dali_decode: str = "once"
+    """`dali`: `once` decodes each image whole and cuts every view from it; `per_view` decodes
+    only each view's region (ROI decoding), once per view."""
+    ffcv_order: str = "random"
+    """`ffcv`: `random` (the same seeded order as every loader) or `quasi_random` (FFCV's
+    page-local order, which reads less from disk when the file does not fit in memory; one process)."""
+    ffcv_os_cache: bool = True
+    """`ffcv`: read the .beton through the OS page cache (best when it fits in memory)."""
     cache_dir: str = "~/.cache/fastssl"
     """Where the embedded dataset is written on first use."""
     embedded_train_per_class: int = 200
@@ -654,7 +668,10 @@ def method_names():
 # Keys whose value must be one of a fixed set. Registries (backbones, loss backends) are checked
 # where they live, with the same kind of message.
 CHOICES = {
-    "data.loader": ("pil",),
+    "data.loader": ("pil", "torch", "dali", "ffcv"),
+    "data.on_bad_image": ("error", "skip"),
+    "data.dali_decode": ("once", "per_view"),
+    "data.ffcv_order": ("random", "quasi_random"),
     "method.name": method_names(),
     "augment.backend": ("auto", "kornia", "fused"),
     "model.stem": ("imagenet", "small"),

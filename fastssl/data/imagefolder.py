@@ -18,6 +18,7 @@ Concatenated over ranks, the k-th batches are exactly the single-process k-th ba
 Mid-epoch resume: `set_epoch(e, start_batch=k)` starts at batch k without reading (let alone
 decoding) the images of the skipped batches.
 """
+import io
 import logging
 import os
 from pathlib import Path
@@ -26,8 +27,9 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from fastssl.data.badimages import BadImage, SkippedImages, load_readable, read_image_bytes
 from fastssl.data.crops import crop_box_pixels, crop_boxes, sample_crop_params
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -44,22 +46,28 @@ def scan_image_folder(root) -> Tuple[List[Tuple[str, int]], List[str]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image>.jpg)")
-    samples = []
+    samples, ignored = [], []
     for label, name in enumerate(classes):
-        files = sorted(str(p) for p in (root / name).rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
+        files = [p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith(".")]
+        images = sorted(str(p) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
+        ignored.extend(str(p) for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS)
+        if not images:
             log.warning("class folder %s holds no images; its label %d stays reserved", root / name, label)
-        samples.extend((f, label) for f in files)
+        samples.extend((f, label) for f in images)
+    if ignored:
+        log.warning("%s: ignored %d file(s) without an image extension (%s), e.g. %s", root, len(ignored),
+                    ", ".join(IMAGE_EXTENSIONS), sorted(ignored)[0])
     if not samples:
         raise ValueError(f"{root} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
     return samples, classes
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode any PIL-readable image to RGB (grayscale, CMYK, palette, alpha); a clear error naming the file."""
+    """Decode any PIL-readable image to RGB (grayscale, CMYK, palette, alpha over white);
+    BadImage (a RuntimeError) naming the file when it cannot be read or decoded."""
+    data = read_image_bytes(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             if img.mode in ("RGBA", "LA", "P"):
                 img = img.convert("RGBA")
@@ -67,7 +75,7 @@ def load_rgb(path: str) -> Image.Image:
                 img = Image.alpha_composite(canvas, img)
             return img.convert("RGB")
     except Exception as exc:  # PIL raises many types for bad files; all mean "cannot decode"
-        raise RuntimeError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+        raise BadImage(path, f"{type(exc).__name__}: {exc}") from exc
 
 
 def to_uint8_chw(img: Image.Image) -> torch.Tensor:
@@ -82,45 +90,54 @@ class ViewCrop(NamedTuple):
 
 
 class MultiViewDataset(Dataset):
-    """`dataset[(index, seed)]` -> ([one uint8 (3, S_v, S_v) crop per ViewCrop], label, index).
+    """`dataset[(index, seed)]` -> ([one uint8 (3, S_v, S_v) crop per ViewCrop], label, index, skipped).
 
-    One decode per image; the crops are drawn in view order from the image's seed."""
+    One decode per image; the crops are drawn in view order from the image's seed. Under
+    `on_bad_image="skip"` an unreadable image is replaced by the next readable one (its label and
+    index are returned) and `skipped` lists the (path, reason) passed over."""
 
-    def __init__(self, samples, views: Sequence[ViewCrop]):
-        self.samples, self.views = samples, list(views)
+    def __init__(self, samples, views: Sequence[ViewCrop], on_bad_image: str = "error"):
+        self.samples, self.views, self.on_bad_image = samples, list(views), on_bad_image
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index_and_seed):
         index, seed = index_and_seed
-        path, label = self.samples[index]
-        img = load_rgb(path)
+        img, index, skipped = load_readable(self.samples, index, lambda i: load_rgb(self.samples[i][0]),
+                                            self.on_bad_image)
         gen = torch.Generator().manual_seed(seed)
         out = []
         for view in self.views:
             box = crop_boxes(sample_crop_params(1, view.scale, view.ratio, gen), img.height, img.width)[0]
             out.append(to_uint8_chw(img.resize((view.size, view.size), Image.BILINEAR, box=crop_box_pixels(box))))
-        return out, label, index
+        return out, self.samples[index][1], index, skipped
 
 
 class CenterViewDataset(Dataset):
-    """One deterministic view for evaluation: shorter side resized to S, centre crop S x S."""
+    """One deterministic view for evaluation: shorter side resized to S, centre crop S x S
+    (unreadable images as in MultiViewDataset)."""
 
-    def __init__(self, samples, size: int):
-        self.samples, self.size = samples, size
+    def __init__(self, samples, size: int, on_bad_image: str = "error"):
+        self.samples, self.size, self.on_bad_image = samples, size, on_bad_image
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index):
-        path, label = self.samples[index]
-        img = load_rgb(path)
+        img, index, skipped = load_readable(self.samples, index, lambda i: load_rgb(self.samples[i][0]),
+                                            self.on_bad_image)
         scale = self.size / min(img.width, img.height)
         w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
         left, top = (w - self.size) // 2, (h - self.size) // 2
         img = img.resize((w, h), Image.BILINEAR).crop((left, top, left + self.size, top + self.size))
-        return to_uint8_chw(img), label, index
+        return to_uint8_chw(img), self.samples[index][1], index, skipped
+
+
+def collate_with_skipped(batch):
+    """Default collation of (views, label, index), and the skipped files of the batch as one list."""
+    views, labels, indices = default_collate([sample[:3] for sample in batch])
+    return views, labels, indices, [entry for sample in batch for entry in sample[3]]
 
 
 class EpochSampler(Sampler):
@@ -178,28 +195,36 @@ class ImageFolderLoader:
 
     def __init__(self, root, *, size: int, batch_size: int, seed: int = 0, scale=(0.08, 1.0),
                  ratio=(3 / 4, 4 / 3), views: Sequence[ViewCrop] = None, workers: int = 2, device="cpu",
-                 train: bool = True, rank: int = 0, world_size: int = 1):
+                 train: bool = True, rank: int = 0, world_size: int = 1, on_bad_image: str = "error",
+                 skipped: Optional[SkippedImages] = None):
         """`batch_size` is per process; with `world_size` processes a global batch is
         `batch_size * world_size` images; an evaluation loader gives rank r images r, r + W, ...
         Training yields one crop per entry of `views` (default: two crops of `size` with `scale`
-        and `ratio`); evaluation yields one centre view of `size`."""
+        and `ratio`); evaluation yields one centre view of `size`. Unreadable images follow
+        `on_bad_image` (fastssl.data.badimages); skipped ones are recorded in `skipped`."""
         self.samples, self.classes = scan_image_folder(root)
         self.device = torch.device(device)
         self.train = train
+        self.skipped = skipped if skipped is not None else SkippedImages()
+        self.views = list(views or [ViewCrop(size, scale, ratio)] * 2) if train else [ViewCrop(size)]
         if train:
-            if len(self.samples) < batch_size * world_size:
-                raise ValueError(f"{root} holds {len(self.samples)} images, fewer than one batch "
-                                 f"(train.batch_size={batch_size * world_size}); lower the batch size")
-            dataset = MultiViewDataset(self.samples, views or [ViewCrop(size, scale, ratio)] * 2)
+            check_batch_fits(root, len(self.samples), batch_size * world_size)
             self.sampler = EpochSampler(len(self.samples), seed, batch_size=batch_size, rank=rank,
                                         world_size=world_size)
         else:
-            dataset = CenterViewDataset(self.samples, size)
             # Several ranks share an evaluation pass image by image (rank r: images r, r + W, ...).
             self.sampler = range(rank, len(self.samples), world_size) if world_size > 1 else None
+        dataset, collate = self.dataset(on_bad_image)
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, shuffle=False, drop_last=train,
-            num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+            num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            collate_fn=collate)
+
+    def dataset(self, on_bad_image: str):
+        """(dataset, collate_fn) that the DataLoader's workers run: decoded, cropped views here."""
+        if self.train:
+            return MultiViewDataset(self.samples, self.views, on_bad_image), collate_with_skipped
+        return CenterViewDataset(self.samples, self.views[0].size, on_bad_image), collate_with_skipped
 
     def set_epoch(self, epoch: int, start_batch: int = 0, order: Optional[torch.Tensor] = None) -> None:
         """Epoch `epoch` from its batch `start_batch` on (the earlier ones are not read), visiting
@@ -214,8 +239,16 @@ class ImageFolderLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for views, labels, indices in self.loader:
+        for views, labels, indices, skipped in self.loader:
+            self.skipped.add(skipped)
             if not self.train:
                 views = [views]
             yield ([v.to(self.device, non_blocking=True) for v in views],
                    labels.to(self.device, non_blocking=True), indices.to(self.device, non_blocking=True))
+
+
+def check_batch_fits(root, images: int, global_batch: int) -> None:
+    """A training loader needs at least one whole global batch of images."""
+    if images < global_batch:
+        raise ValueError(f"{root} holds {images} images, fewer than one batch "
+                         f"(train.batch_size={global_batch}); lower the batch size")

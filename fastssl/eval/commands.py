@@ -47,11 +47,12 @@ def on_device(backbone: torch.nn.Module, device) -> torch.nn.Module:
     return backbone.to(device).to(memory_format=torch.channels_last).eval()
 
 
-def eval_loaders(cfg: Config, device):
-    """Centre-view loaders over the train and val ImageFolders (the embedded dataset when unset)."""
+def eval_loaders(cfg: Config, device, skipped=None):
+    """Centre-view loaders over the train and val data (the embedded dataset when unset);
+    unreadable images skipped under data.on_bad_image=skip are recorded in `skipped`."""
     train_dir, val_dir = resolve_paths(cfg.data, log=lambda *_: None)
     return tuple(build_loader(cfg.data, root, size=cfg.augment.size, batch_size=cfg.eval.batch_size,
-                              device=device, train=False) for root in (train_dir, val_dir))
+                              device=device, train=False, skipped=skipped) for root in (train_dir, val_dir))
 
 
 def eval_preprocess(cfg: Config):

@@ -27,6 +27,7 @@ import torch
 
 from fastssl.config import Config, ConfigError, save_config, to_dict
 from fastssl.data import build_loader, resolve_paths
+from fastssl.data.badimages import SkippedImages
 from fastssl.eval.commands import eval_loaders, eval_preprocess, knn_top1, on_device, pretext_lines
 from fastssl.eval.knn import extract_features
 from fastssl.methods import Method, build_augment, build_method, view_crops
@@ -190,9 +191,10 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
                           "global batch under torchrun (per-process statistics leak the positive key); "
                           "set train.sync_bn=true")
     train_dir, val_dir = resolve_paths(cfg.data, log=log.info)
+    skipped = SkippedImages(run_dir / ("skipped_images.tsv" if main else f"skipped_images.rank{dist_info.rank}.tsv"))
     loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=local_batch,
                           seed=cfg.train.seed, views=view_crops(augment), device=device, train=True,
-                          rank=dist_info.rank, world_size=world)
+                          rank=dist_info.rank, world_size=world, skipped=skipped)
     if dist_info.enabled and cfg.train.sync_bn:
         model = convert_sync_batchnorm(model, device)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -258,7 +260,7 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
     end_epoch = min(cfg.train.epochs, cfg.train.stop_after_epochs or cfg.train.epochs)
     stopped = None
     method = unwrap(model)
-    features_of_training_set = training_features(cfg, train_dir, device, dist_info)
+    features_of_training_set = training_features(cfg, train_dir, device, dist_info, skipped)
     for epoch in range(start_epoch, end_epoch):
         if start_batch == 0:
             for param in method.before_epoch(epoch, features_of_training_set):
@@ -277,7 +279,7 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
         if main:
             every = cfg.eval.knn_every_epochs
             if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.train.epochs:
-                monitor = evaluate(cfg, unwrap(model), val_dir, device, random_init=False)
+                monitor = evaluate(cfg, unwrap(model), val_dir, device, random_init=False, skipped=skipped)
                 metrics.write(event="knn", epoch=epoch + 1, step=step, **monitor)
                 log.info("epoch %d: kNN top-1 %.1f%%", epoch + 1, monitor["knn_top1"])
         if stopped:
@@ -292,13 +294,16 @@ def _train(cfg: Config, device: torch.device, dist_info: DistInfo, stop: StopSig
         return {}
     results = {}
     if main:
-        results = evaluate(cfg, unwrap(model), val_dir, device)
-        metrics.write(event="eval", epoch=cfg.train.epochs, step=step, **results)
+        results = evaluate(cfg, unwrap(model), val_dir, device, skipped=skipped)
+        metrics.write(event="eval", epoch=cfg.train.epochs, step=step, skipped_images=len(skipped), **results)
+    if skipped:
+        log.warning("skipped %d unreadable image(s), listed in %s", len(skipped), skipped.path)
     barrier(dist_info)
     return results
 
 
-def training_features(cfg: Config, train_dir, device: torch.device, dist_info: DistInfo):
+def training_features(cfg: Config, train_dir, device: torch.device, dist_info: DistInfo,
+                      skipped: SkippedImages = None):
     """`features(net)`: net's fp32 features of every training image, rows in dataset order, on
     every rank: one centre view per image (as evaluated), normalised like the views, eval mode.
     Under torchrun each rank computes its share and the shares are gathered (a collective).
@@ -309,7 +314,8 @@ def training_features(cfg: Config, train_dir, device: torch.device, dist_info: D
         nonlocal loader
         if loader is None:
             loader = build_loader(cfg.data, train_dir, size=cfg.augment.size, batch_size=cfg.eval.batch_size,
-                                  device=device, train=False, rank=dist_info.rank, world_size=dist_info.world_size)
+                                  device=device, train=False, rank=dist_info.rank, world_size=dist_info.world_size,
+                                  skipped=skipped)
         rows, _ = extract_features(net, loader, eval_preprocess(cfg), normalize=False)
         n = len(loader.samples)
         # the evaluation loader's share of this rank: images rank, rank + W, ...
@@ -460,10 +466,11 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
     return value, stats
 
 
-def evaluate(cfg: Config, model: Method, val_dir, device, random_init: bool = True) -> Dict[str, float]:
+def evaluate(cfg: Config, model: Method, val_dir, device, random_init: bool = True,
+             skipped: SkippedImages = None) -> Dict[str, float]:
     """kNN top-1 of the trained method's evaluated backbone and (unless `random_init=False`) of
     the same architecture at its random initialisation, and the pretext tasks' held-out lines."""
-    loaders = eval_loaders(cfg, device)
+    loaders = eval_loaders(cfg, device, skipped)
     log.info("kNN evaluation (k=%d, t=%g) on %s", cfg.eval.knn_k, cfg.eval.knn_temperature, val_dir)
     trained = knn_top1(cfg, model.eval_backbone(), loaders)
     if not random_init:
