@@ -1,4 +1,5 @@
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 from PIL import Image
 
 from fastssl.data import CLASSES, ImageFolderLoader, ensure_embedded_dataset, load_rgb, scan_image_folder
+from fastssl.data.badimages import image_format, image_problem
 from fastssl.data.crops import crop_boxes, sample_crop_params
 
 SAMPLE = Path(__file__).parent.parent.parent / "shared" / "data" / "imagenet-sample"
@@ -135,3 +137,32 @@ def test_real_photos_decode(tmp_path):
     loader = ImageFolderLoader(tmp_path, size=64, batch_size=4, workers=0)
     views, _, _ = next(iter(loader))
     assert views[0].shape == (4, 3, 64, 64) and views[0].float().std() > 10
+
+
+def test_quick_check_finds_cut_files_and_passes_whole_ones(tmp_path):
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+
+    def encoded(image, fmt, **args):
+        buf = io.BytesIO()
+        image.save(buf, fmt, **args)
+        return buf.getvalue()
+
+    # An EXIF thumbnail ends with its own end-of-image marker, before the main image's scans.
+    thumb = encoded(photo.resize((16, 12)), "JPEG")
+    exif = Image.Exif()
+    exif[0x010E] = "a description"
+    with_thumb = encoded(photo, "JPEG", exif=exif.tobytes() + thumb)
+    whole = {"baseline": encoded(photo, "JPEG"), "progressive": encoded(photo, "JPEG", progressive=True),
+             "thumbnail": with_thumb, "png": encoded(photo, "PNG"), "webp": encoded(photo, "WEBP"),
+             "gif": encoded(photo.convert("P"), "GIF"), "bmp": encoded(photo, "BMP"), "tiff": encoded(photo, "TIFF")}
+    for name, data in whole.items():
+        assert image_problem(data) is None, name
+    assert image_format(whole["webp"]) == "webp" and image_format(whole["tiff"]) == "tiff"
+    for name in ("baseline", "progressive", "thumbnail"):
+        data = whole[name]
+        for cut in (len(data) // 8, len(data) // 2, len(data) - 3):
+            assert "truncated JPEG" in image_problem(data[:cut]), (name, cut)
+    assert "truncated PNG" in image_problem(whole["png"][:-40])
+    assert image_problem(b"") == "empty file"
+    assert image_problem(b"<html>oops</html>").startswith("not an image")

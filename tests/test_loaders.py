@@ -1,0 +1,238 @@
+"""The contract every loader keeps (pil, torch, dali, ffcv), checked on each of them: the batches,
+the crops, the labels, the sharding and the unreadable files. DALI runs its CPU pipeline here."""
+import importlib.util
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastssl.data import ViewCrop, build_loader, ensure_embedded_dataset
+from fastssl.data.badimages import SkippedImages
+
+HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+KINDS = ["pil", "torch", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed"))]
+FOLDER_KINDS = KINDS       # loaders that read an ImageFolder and so meet its bad files
+
+
+def data_config(kind, on_bad_image="error", **extra):
+    values = dict(loader=kind, workers=0 if kind in ("pil", "torch") else 1, on_bad_image=on_bad_image,
+                  dali_decode="once", ffcv_order="random", ffcv_os_cache=True, cache_dir="")
+    values.update(extra)
+    return SimpleNamespace(**values)
+
+
+def loader(kind, root, on_bad_image="error", skipped=None, **kwargs):
+    kwargs.setdefault("size", 16)
+    kwargs.setdefault("batch_size", 8)
+    return build_loader(data_config(kind, on_bad_image), str(root), skipped=skipped, **kwargs)
+
+
+def write(folder, name, image: Image.Image, **save_args):
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / name, **save_args)
+    return folder / name
+
+
+def coordinate_image(width=200, height=160) -> Image.Image:
+    """R grows with x and G with y from 0 to 255: a view's colour range tells where it was cut."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, np.full_like(x, 128)], axis=2).round().astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return ensure_embedded_dataset(str(cache), 16, 6, 16, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batches_views_and_labels(kind, tiny):
+    train, _ = tiny
+    load = loader(kind, train, size=12, batch_size=32, seed=3, scale=(0.3, 1.0))
+    load.set_epoch(0)
+    batches = list(load)
+    assert len(batches) == len(load) == load.batches_per_epoch() == 160 // 32
+    seen = []
+    for views, labels, indices in batches:
+        assert len(views) == 2
+        for v in views:
+            assert v.shape == (32, 3, 12, 12) and v.dtype == torch.uint8 and v.device.type == "cpu"
+            assert 20 < v.float().mean() < 235 and v.float().std() > 5      # real pixels, not a blank
+        assert not torch.equal(views[0], views[1])                        # two independent crops
+        assert labels.dtype == indices.dtype == torch.int64
+        # labels are the class folders of the images
+        assert labels.tolist() == [load.classes.index(load.samples[i][0].split("/")[-2]) for i in indices.tolist()]
+        seen += indices.tolist()
+    assert len(set(seen)) == len(seen) == 160                              # each image once per epoch
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_evaluation_loader_visits_every_image_once_in_order(kind, tiny):
+    _, val = tiny
+    load = loader(kind, val, size=12, batch_size=16, train=False)
+    batches = list(load)
+    indices = torch.cat([b[2] for b in batches])
+    assert indices.tolist() == list(range(60))                             # no drop_last, index order
+    assert all(len(b[0]) == 1 and b[0][0].shape[1:] == (3, 12, 12) for b in batches)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_crops_follow_the_configured_scale_and_ratio(kind, tmp_path):
+    for i in range(8):
+        write(tmp_path / "grid", f"{i}.jpg", coordinate_image(), quality=100)
+    scale, ratio, size = (0.25, 0.5), (3 / 4, 4 / 3), 32
+    load = loader(kind, tmp_path, size=size, batch_size=8, scale=scale, ratio=ratio)
+    areas, ratios = [], []
+    for epoch in range(4):
+        load.set_epoch(epoch)
+        for views, _, _ in load:
+            for view in views:
+                v = view.float()
+                # extent of the crop from its colour range; the centres of the S output pixels
+                # span (S - 1) / S of the box
+                w = (v[:, 0].amax((1, 2)) - v[:, 0].amin((1, 2))) / 255 * 199 * size / (size - 1) + 1
+                h = (v[:, 1].amax((1, 2)) - v[:, 1].amin((1, 2))) / 255 * 159 * size / (size - 1) + 1
+                areas += (w * h / (200 * 160)).tolist()
+                ratios += (w / h).tolist()
+    areas, ratios = np.array(areas), np.array(ratios)
+    assert len(areas) == 4 * 8 * 2
+    assert areas.min() > scale[0] * 0.9 and areas.max() < scale[1] * 1.1
+    assert ratios.min() > ratio[0] * 0.93 and ratios.max() < ratio[1] * 1.07
+    # and the draws spread over the ranges rather than sitting at one crop
+    assert areas.min() < 0.3 and areas.max() > 0.42 and ratios.min() < 0.85 and ratios.max() > 1.15
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_share_each_epoch_without_overlap(kind, world, tiny):
+    train, _ = tiny
+    per_rank = 8
+    global_batch = per_rank * world
+    epochs = []
+    for epoch in range(2):
+        shards = []
+        for rank in range(world):
+            load = loader(kind, train, size=8, batch_size=per_rank, seed=5, rank=rank, world_size=world)
+            load.set_epoch(epoch)
+            shards.append([b[2].tolist() for b in load])
+        # the k-th batches of all ranks together are the k-th global batch: disjoint, whole
+        used = [i for shard in shards for batch in shard for i in batch]
+        assert len(used) == len(set(used)) == (160 // global_batch) * global_batch
+        assert all(len(batch) == per_rank for shard in shards for batch in shard)
+        epochs.append(shards)
+    assert epochs[0] != epochs[1]                                # a new order every epoch
+    again = loader(kind, train, size=8, batch_size=per_rank, seed=5, rank=1, world_size=world)
+    again.set_epoch(1)
+    assert [b[2].tolist() for b in again] == epochs[1][1]        # and the same from the same seed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mid_epoch_resume_continues_at_the_right_batch(kind, tiny):
+    train, _ = tiny
+    whole = loader(kind, train, size=12, batch_size=16, seed=2)
+    whole.set_epoch(1)
+    expected = list(whole)[3:]
+    resumed = loader(kind, train, size=12, batch_size=16, seed=2)
+    resumed.set_epoch(1, start_batch=3)
+    got = list(resumed)
+    assert len(got) == len(resumed) == len(expected)
+    for (va, la, ia), (vb, lb, ib) in zip(got, expected):
+        assert torch.equal(ia, ib) and torch.equal(la, lb)
+        assert all(torch.equal(a, b) for a, b in zip(va, vb))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_multi_crop_views_of_two_sizes(kind, tiny):
+    train, _ = tiny
+    views = [ViewCrop(16, (0.4, 1.0)), ViewCrop(16, (0.4, 1.0)), ViewCrop(8, (0.05, 0.4))]
+    got, _, _ = next(iter(loader(kind, train, views=views)))
+    assert [tuple(v.shape) for v in got] == [(8, 3, 16, 16), (8, 3, 16, 16), (8, 3, 8, 8)]
+
+
+@pytest.fixture(scope="module")
+def unusual(tmp_path_factory):
+    """An ImageFolder of images that must decode: grayscale, CMYK and PNG-with-alpha files,
+    a PNG named .jpg, a 10,000 x 10,000 JPEG, and a text file that is ignored."""
+    root = tmp_path_factory.mktemp("unusual")
+    write(root / "gray", "gray.jpg", Image.new("L", (40, 30), 128), quality=95)
+    write(root / "cmyk", "cmyk.jpg", Image.new("CMYK", (40, 30), (0, 255, 0, 0)), quality=95)
+    write(root / "alpha", "alpha.png", Image.new("RGBA", (40, 30), (255, 0, 0, 0)))
+    write(root / "png_as_jpg", "png.jpg", Image.new("RGB", (40, 30), (0, 0, 200)), format="PNG")
+    write(root / "huge", "huge.jpg", Image.new("RGB", (10_000, 10_000), (0, 200, 0)), quality=50)
+    (root / "gray" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.mark.parametrize("kind", FOLDER_KINDS)
+def test_unusual_images_decode_to_the_right_colours(kind, unusual, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastssl.data"):
+        load = loader(kind, unusual, batch_size=5, train=False)
+    assert "ignored 1 file(s) without an image extension" in caplog.text
+    (view,), labels, _ = next(iter(load))
+    colour = {load.classes[label]: view[i].float().mean((1, 2)).tolist() for i, label in enumerate(labels.tolist())}
+    expected = {"gray": (128, 128, 128), "cmyk": (255, 0, 255), "alpha": (255, 255, 255),
+                "png_as_jpg": (0, 0, 200), "huge": (0, 200, 0)}
+    for name, rgb in expected.items():
+        assert np.allclose(colour[name], rgb, atol=6), (name, colour[name])
+
+
+def bad_folder(root):
+    """16 good images in two classes, and three unreadable files in class `a`."""
+    for i in range(8):
+        for cls in ("a", "b"):
+            write(root / cls, f"{i}.jpg", Image.new("RGB", (20, 20), (60 + 20 * i, 90, 30)))
+    good = (root / "a" / "0.jpg").read_bytes()
+    (root / "a" / "3_truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "a" / "4_empty.jpg").write_bytes(b"")
+    (root / "a" / "5_text.jpg").write_text("hello, I am not a picture")
+    return {"3_truncated.jpg": "truncated JPEG", "4_empty.jpg": "empty file", "5_text.jpg": "not an image"}
+
+
+@pytest.mark.parametrize("kind", FOLDER_KINDS)
+def test_unreadable_files_stop_the_run_naming_the_file(kind, tmp_path):
+    bad_folder(tmp_path)
+    load = loader(kind, tmp_path, batch_size=19, train=False)
+    with pytest.raises(RuntimeError, match=r"cannot decode image .*a/3_truncated.jpg: truncated JPEG.*on_bad_image=skip"):
+        list(load)
+
+
+@pytest.mark.parametrize("kind", FOLDER_KINDS)
+@pytest.mark.parametrize("train", [True, False])
+def test_unreadable_files_are_skipped_and_listed(kind, train, tmp_path):
+    reasons = bad_folder(tmp_path / "data")
+    skipped = SkippedImages(tmp_path / "run" / "skipped_images.tsv")
+    load = loader(kind, tmp_path / "data", on_bad_image="skip", skipped=skipped, batch_size=19 if not train else 8,
+                  train=train)
+    load_all = list(load) if not train else [b for epoch in range(3) for b in (load.set_epoch(epoch), list(load))[1]]
+    for views, labels, indices in load_all:
+        assert all(v.shape[0] == len(labels) == len(indices) for v in views)     # batches stay whole
+        for label, index in zip(labels.tolist(), indices.tolist()):
+            path = load.samples[index][0]
+            assert path.split("/")[-1] not in reasons and load.classes[label] == path.split("/")[-2]
+    if not train:
+        assert [len(b[2]) for b in load_all] == [19]
+    lines = (tmp_path / "run" / "skipped_images.tsv").read_text().splitlines()
+    assert lines[0] == "path\treason" and len(lines) == 1 + 3
+    for line in lines[1:]:
+        path, reason = line.split("\t")
+        assert reasons[path.split("/")[-1]] in reason
+
+
+@pytest.mark.parametrize("kind", FOLDER_KINDS)
+def test_folder_errors_are_clear(kind, tmp_path):
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no images"):
+        loader(kind, tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        loader(kind, tmp_path / "missing")
+    for i in range(5):
+        write(tmp_path / "few" / "cls", f"{i}.jpg", Image.new("RGB", (8, 8)))
+    (tmp_path / "few" / "empty_class").mkdir()
+    with pytest.raises(ValueError, match=r"holds 5 images, fewer than one batch \(train.batch_size=8\)"):
+        loader(kind, tmp_path / "few")
+    load = loader(kind, tmp_path / "few", batch_size=5)
+    assert load.classes == ["cls", "empty_class"] and len(list(load)) == 1   # an empty class keeps its label
