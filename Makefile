@@ -1,6 +1,7 @@
 # The two quickstart commands, `make demo` and `make test`, each install what is missing first.
 VENV ?= .venv
 EXTRAS ?= dev
+TEST_EXTRAS ?= dev,dali,ffcv
 BIN := $(VENV)/bin
 
 .PHONY: install demo test bench bench-loss gpu-suite clean
@@ -11,7 +12,8 @@ install:
 demo: install  ## SimCLR on the embedded dataset, then kNN evaluation (a few minutes on 2 CPU cores)
 	$(BIN)/fastssl train --config configs/demo.yaml
 
-test: install  ## the whole test suite (CPU; GPU-only tests skip without a GPU)
+test:  ## the whole test suite (CPU; GPU-only tests skip without a GPU), with DALI and FFCV installed
+	@bash scripts/install.sh $(VENV) $(TEST_EXTRAS)
 	$(BIN)/python -m pytest -q tests
 
 bench: install  ## stage-by-stage throughput of the demo pipeline on this machine

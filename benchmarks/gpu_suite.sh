@@ -77,6 +77,25 @@ if [ -d "$SAMPLE" ]; then
         train.device=cuda train.precision=bf16
 fi
 
+# ------------------------------------------------ stage: input pipeline (torch decode, DALI, FFCV)
+# DALI and FFCV are not on the GPU machine: install them first (pip install -e '.[dali,ffcv]', or
+# the carried wheels); without them their tests skip and the comparison leaves them out.
+# 1. correctness on the GPU: every loader's contract, nvJPEG (DALI mixed, torchvision) vs the CPU.
+env -u TRITON_INTERPRET "$PY" -m pytest tests/test_loaders.py tests/test_data.py tests/test_data_dali.py \
+    tests/test_data_ffcv.py -q -rs 2>&1 | tee benchmarks/results/logs/test_data_gpu.log
+# 2. every installed loader on shared/data/imagenet-sample, two 224 px views, batch 256, all 16
+#    cores, next to the PIL DataLoader baseline -> benchmarks/results/data_<gpu>.json
+LOADERS=$("$PY" -c "import importlib.util as u; d=u.find_spec('nvidia') and u.find_spec('nvidia.dali'); \
+print(','.join(['pil', 'torch'] + (['dali', 'dali-per_view'] if d else []) + (['ffcv'] if u.find_spec('ffcv') else [])))")
+"$PY" benchmarks/throughput.py --stage data --loader "$LOADERS" --batch 256 --batches 30 --warmup 5 \
+    train.device=cuda 2>&1 | tee benchmarks/results/logs/data_gpu.log
+# 3. does a SimCLR ResNet-50 step wait for DALI? The same end-to-end run as above, fed by DALI.
+if [ -d "$SAMPLE" ] && [[ "$LOADERS" == *dali* ]]; then
+    "$PY" benchmarks/throughput.py --config configs/simclr_resnet50_imagenet.yaml --stage all --steps 10 --warmup 3 \
+        data.train="$(dirname "$IMF")" data.val="$(dirname "$IMF")" data.loader=dali data.workers=16 \
+        train.batch_size=256 train.device=cuda train.precision=bf16
+fi
+
 # ------------------------------------------------------------- stage: methods (same data, same budget)
 # 1. correctness on the GPU: every method's unit, resume and distributed tests.
 env -u TRITON_INTERPRET "$PY" -m pytest tests/test_methods.py tests/test_methods_distributed.py -q -rs 2>&1 \

@@ -1,6 +1,7 @@
 """Throughput of each stage of the configured pipeline, and of training end to end.
 
     python benchmarks/throughput.py [--config configs/demo.yaml] [--stage all] [key=value ...]
+    python benchmarks/throughput.py --stage data --loader pil,torch,dali,ffcv [data.py options]
 
 Stages (images/s, one image = all its views; `method.name=X` times another method):
   data      the loader alone: decode + the method's random crops, batches on the device
@@ -13,6 +14,8 @@ Stages (images/s, one image = all its views; `method.name=X` times another metho
 configured projector: ~28M parameters in 161 tensors) with the multi-tensor implementation
 (`optim.impl=foreach`) against the per-parameter loop (`reference`), and `apex` when installed.
 `--stage loss-backends -- [loss.py arguments]` runs the sweep of benchmarks/loss.py instead.
+`--stage data --loader NAMES` compares the loaders on real JPEGs instead (benchmarks/data.py:
+images/s and busy cores of each, next to the PIL DataLoader baseline, in the same run).
 Each stage is warmed up, then timed per step (median, p20, p80). A table is printed and a JSON
 record (device, versions, git sha, config, command, numbers) is appended to
 benchmarks/results/throughput_<device>.json.
@@ -21,14 +24,14 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-import augment as augment_benchmark   # benchmarks/augment.py and loss.py, beside this file
+import augment as augment_benchmark   # benchmarks/augment.py, data.py and loss.py, beside this file
+import data as data_benchmark
 import loss as loss_benchmark
 from fastssl.config import load_config, to_dict
 from fastssl.data import build_loader, resolve_paths
@@ -48,14 +51,6 @@ RESULTS = Path(__file__).parent / "results"
 # Dense bf16 tensor-core peaks (datasheets), for model FLOPs utilisation.
 PEAK_BF16_TFLOPS = {"nvidia-h100-80gb-hbm3": 989.0, "nvidia-h200": 989.0, "nvidia-a100-sxm4-80gb": 312.0,
                     "nvidia-a100-sxm4-40gb": 312.0}
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def timed(fn, steps: int, warmup: int, device: torch.device):
@@ -208,6 +203,11 @@ def main(argv=None) -> int:
                         help="the device's dense bf16 peak, for MFU (known GPUs have a default)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--loader" in argv or any(a.startswith("--loader=") for a in argv):
+        if "--stage" not in argv or argv[argv.index("--stage") + 1] != "data":
+            parser.error("--loader goes with --stage data (the loaders' comparison, benchmarks/data.py)")
+        i = argv.index("--stage")
+        return data_benchmark.main(argv[:i] + argv[i + 2:])
     sweep_args = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if args.stage in SWEEPS:
@@ -262,7 +262,7 @@ def _write_record(args, argv, cfg, device, results) -> int:
     record = {
         "benchmark": "throughput" if args.stage != "optim-compare" else "optim-compare", "device": loss_benchmark.device_slug(str(device)), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join(["python", "benchmarks/throughput.py"] + argv),
-        "git_sha": git_sha(), "torch": torch.__version__, "python": platform.python_version(),
+        "git_sha": loss_benchmark.git_sha(), "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "config": to_dict(cfg), "stages": results,
     }
     out = Path(args.out) if args.out else RESULTS / f"throughput_{record['device']}.json"

@@ -236,3 +236,19 @@ def test_folder_errors_are_clear(kind, tmp_path):
         loader(kind, tmp_path / "few")
     load = loader(kind, tmp_path / "few", batch_size=5)
     assert load.classes == ["cls", "empty_class"] and len(list(load)) == 1   # an empty class keeps its label
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", [k for k in KINDS if (k.values[0] if hasattr(k, "values") else k) != "pil"])
+def test_gpu_decoding_matches_the_cpu(kind, tiny):
+    train, _ = tiny
+    got = {}
+    for device in ("cpu", "cuda"):
+        load = loader(kind, train, size=12, batch_size=16, seed=4, device=device)
+        load.set_epoch(0)
+        got[device] = next(iter(load))
+    (cpu_views, cpu_labels, cpu_indices), (gpu_views, gpu_labels, gpu_indices) = got["cpu"], got["cuda"]
+    assert all(v.device.type == "cuda" for v in gpu_views) and gpu_labels.device.type == "cuda"
+    assert torch.equal(cpu_indices, gpu_indices.cpu()) and torch.equal(cpu_labels, gpu_labels.cpu())
+    for a, b in zip(cpu_views, gpu_views):       # nvJPEG and libjpeg-turbo differ by IDCT rounding only
+        assert (a.float() - b.cpu().float()).abs().mean() < 3

@@ -1,0 +1,183 @@
+"""Images/s of every loader on the same real JPEGs, next to the PIL DataLoader baseline.
+
+    python benchmarks/throughput.py --stage data --loader pil,torch,dali,dali-per_view,ffcv [key=value ...]
+    python benchmarks/data.py [--loader ...] [--data DIR] [--batch 32] [--size 224] [--batches 40]
+
+Every loader yields two RandomResizedCrop views (scale 0.08-1) of `--size` px per image, on the
+training device (`train.device`, auto: the GPU when there is one), from `--data` (default
+../shared/data/imagenet-sample, 200 ImageNet JPEGs, cycled epoch after epoch). Each loader uses
+every CPU core (`--workers`, default all: worker processes for pil and torch, threads for DALI
+and FFCV), and its CPU use is measured over the timed batches (CPU seconds of the process and
+its worker processes / wall seconds = the cores it kept busy). `dali-per_view` is DALI with
+`data.dali_decode=per_view` (ROI decoding per view). `ffcv` reads a .beton converted from the
+same folder first (max side 512, JPEG quality 90; the conversion is timed apart).
+A JSON record is appended to benchmarks/results/data_<device>.json.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import loss as loss_benchmark          # benchmarks/loss.py, beside this file: device_slug, git_sha
+from fastssl.config import load_config
+from fastssl.data import build_loader
+from fastssl.train.trainer import resolve_device
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
+RESULTS = Path(__file__).parent / "results"
+LOADERS = ("pil", "torch", "dali", "dali-per_view", "ffcv")
+NEEDS = {"dali": "nvidia.dali", "dali-per_view": "nvidia.dali", "ffcv": "ffcv"}
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module.split(".")[0]) is not None and importlib.util.find_spec(module) is not None
+
+
+def cpu_seconds(pid: int = None) -> float:
+    """User + system CPU seconds of a process and all its descendants (Linux /proc)."""
+    pid = pid or os.getpid()
+    tick = os.sysconf("SC_CLK_TCK")
+    parents, total = {}, 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:                      # the process ended meanwhile
+            continue
+        parents[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree = {pid}
+    grew = True
+    while grew:
+        children = {p for p, (ppid, _) in parents.items() if ppid in tree} - tree
+        tree |= children
+        grew = bool(children)
+    for p in tree:
+        total += parents.get(p, (0, 0.0))[1]
+    return total
+
+
+def image_folder(src: Path, work: Path) -> Path:
+    """`src` as an ImageFolder: itself when it has class folders, else one class of symlinks."""
+    if any(p.is_dir() for p in src.iterdir()):
+        return src
+    folder = work / "folder" / "images"
+    folder.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            (folder / f.name).symlink_to(f.resolve())
+    return folder.parent
+
+
+def to_beton(folder: Path, work: Path) -> (Path, float):
+    from fastssl.cli import main as cli
+    out = work / "sample.beton"
+    start = time.perf_counter()
+    if cli(["convert", str(folder), str(out), "--max-side", "512", "--write-mode", "jpg"]) not in (0, None):
+        raise RuntimeError(f"fastssl convert {folder} {out} failed")
+    return out, time.perf_counter() - start
+
+
+def time_loader(loader, batches: int, warmup: int, device: torch.device) -> dict:
+    """Images/s and busy cores over `batches` batches after `warmup`, cycling epochs."""
+    def stream():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    it = stream()
+    for _ in range(warmup):
+        next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    cpu0, t0, images = cpu_seconds(), time.perf_counter(), 0
+    for _ in range(batches):
+        views, _, _ = next(it)
+        images += views[0].shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+    return {"images_per_s": images / wall, "seconds": wall, "images": images, "cores_busy": cpu / wall}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--loader", default=",".join(LOADERS), help="comma-separated, from " + ", ".join(LOADERS))
+    parser.add_argument("--data", default=str(SAMPLE), help="a folder of JPEGs (flat, or an ImageFolder)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per loader")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed batches per loader")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.loader.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOADERS]
+    if unknown:
+        parser.error(f"--loader: unknown {', '.join(unknown)}; choose from {', '.join(LOADERS)}")
+    missing = [n for n in names if n in NEEDS and not installed(NEEDS[n])]
+    if missing:
+        parser.error(f"--loader {', '.join(missing)}: not installed (pip install -e '.[dali,ffcv]')")
+    if "pil" not in names:
+        names.insert(0, "pil")           # the baseline, in the same run
+    src = Path(args.data)
+    if not src.is_dir():
+        parser.error(f"--data {src}: not a folder")
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(cfg.train.device)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        folder = image_folder(src, work)
+        for name in names:
+            kind, _, decode = name.partition("-")
+            data_cfg = SimpleNamespace(loader=kind, workers=args.workers, on_bad_image="error",
+                                       dali_decode=decode or "once", ffcv_order="random", ffcv_os_cache=True,
+                                       cache_dir=str(work))
+            root, extra = folder, {}
+            if kind == "ffcv":
+                root, seconds = to_beton(folder, work)
+                extra = {"convert_seconds": seconds, "beton_mb": root.stat().st_size / 2**20}
+            loader = build_loader(data_cfg, str(root), size=args.size, batch_size=args.batch, device=device)
+            results[name] = {**time_loader(loader, args.batches, args.warmup, device), **extra}
+            del loader
+            r = results[name]
+            print(f"{name:14s}{r['images_per_s']:9.1f} images/s  {r['cores_busy']:5.2f} cores busy", flush=True)
+    base = results["pil"]["images_per_s"]
+    for name, r in results.items():
+        r["vs_pil"] = r["images_per_s"] / base
+    print("\nimages/s, two views of %d px, batch %d, %d workers, %s:" % (args.size, args.batch, args.workers, device))
+    for name, r in results.items():
+        print(f"  {name:14s}{r['images_per_s']:9.1f}  {r['vs_pil']:5.2f}x pil  {r['cores_busy']:5.2f} cores")
+
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for module in ("nvidia.dali", "ffcv", "torchvision", "PIL"):
+        if installed(module):
+            versions[module] = getattr(importlib.import_module(module), "__version__", "?")
+    record = {"benchmark": "data", "device": loss_benchmark.device_slug(str(device)),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(["python"] + sys.argv),
+              "git_sha": loss_benchmark.git_sha(), "versions": versions,
+              "cpu_count": os.cpu_count(), "data": str(src), "batch": args.batch, "size": args.size,
+              "workers": args.workers, "results": results}
+    out = Path(args.out) if args.out else RESULTS / f"data_{record['device']}.json"
+    history = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(history + [record], indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
