@@ -252,3 +252,23 @@ def test_gpu_decoding_matches_the_cpu(kind, tiny):
     assert torch.equal(cpu_indices, gpu_indices.cpu()) and torch.equal(cpu_labels, gpu_labels.cpu())
     for a, b in zip(cpu_views, gpu_views):       # nvJPEG and libjpeg-turbo differ by IDCT rounding only
         assert (a.float() - b.cpu().float()).abs().mean() < 3
+
+
+@pytest.mark.parametrize("kind", FOLDER_KINDS)
+def test_training_lists_skipped_files_in_the_run_directory(kind, tiny, tiny_config, tmp_path):
+    import json
+    import shutil
+
+    from fastssl.train import train
+    data = tmp_path / "data"
+    shutil.copytree(tiny[0], data)
+    (data / "disk" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    cfg = tiny_config(**{"data.loader": kind, "data.train": str(data), "data.val": str(tiny[1]),
+                         "data.on_bad_image": "skip", "train.epochs": 1, "data.workers": 1})
+    results = train(cfg)
+    assert results["knn_top1"] >= 0
+    lines = (tmp_path / "run" / "skipped_images.tsv").read_text().splitlines()
+    assert lines == ["path\treason", f"{data / 'disk' / 'zz_broken.jpg'}\ttruncated JPEG (no end-of-image marker "
+                                     "after the last scan)"]
+    final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["event"] == "eval" and final["skipped_images"] == 1
