@@ -15,11 +15,14 @@ from fastssl.data.badimages import SkippedImages
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 KINDS = ["pil", "torch", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed"))]
 FOLDER_KINDS = KINDS       # loaders that read an ImageFolder and so meet its bad files
+DECODER_KINDS = FOLDER_KINDS + [pytest.param("dali-per_view", marks=pytest.mark.skipif(not HAVE_DALI, reason="no DALI"))]
 
 
 def data_config(kind, on_bad_image="error", **extra):
+    """`kind`: a data.loader, or `dali-per_view` (DALI with ROI decoding per view)."""
+    kind, _, decode = kind.partition("-")
     values = dict(loader=kind, workers=0 if kind in ("pil", "torch") else 1, on_bad_image=on_bad_image,
-                  dali_decode="once", ffcv_order="random", ffcv_os_cache=True, cache_dir="")
+                  dali_decode=decode or "once", ffcv_order="random", ffcv_os_cache=True, cache_dir="")
     values.update(extra)
     return SimpleNamespace(**values)
 
@@ -220,6 +223,59 @@ def test_unreadable_files_are_skipped_and_listed(kind, train, tmp_path):
     for line in lines[1:]:
         path, reason = line.split("\t")
         assert reasons[path.split("/")[-1]] in reason
+
+
+def corrupt_huffman_table(path) -> None:
+    """A JPEG that passes the quick check (whole, header readable) but that libjpeg rejects
+    ("Bogus Huffman table definition"): the first table's code counts add up to over 256.
+    (Garbage in the middle of the entropy-coded data does not do: libjpeg decodes through it.)"""
+    data = bytearray(path.read_bytes())
+    table = data.index(b"\xff\xc4")              # DHT: marker, length (2), class/id (1), 16 counts
+    data[table + 5:table + 21] = b"\x80" * 16
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def folder_with_undecodable(tiny, tmp_path):
+    """32 images in 2 classes (a batch of 8 uses all of them every epoch), one that passes the
+    quick check but not the decoders."""
+    import shutil
+
+    from fastssl.data.encoded import read_encoded
+    for name in ("disk", "ring"):
+        shutil.copytree(tiny[0] / name, tmp_path / name)
+    bad = sorted((tmp_path / "ring").iterdir())[4]
+    corrupt_huffman_table(bad)
+    read_encoded(str(bad))                       # raises if the quick check would catch it
+    return tmp_path, str(bad)
+
+
+@pytest.mark.parametrize("kind", DECODER_KINDS)
+def test_undecodable_file_error_names_it(kind, folder_with_undecodable):
+    root, bad = folder_with_undecodable
+    with pytest.raises(RuntimeError, match=f"cannot decode image {bad}: .*data.on_bad_image=skip"):
+        list(loader(kind, root, size=12))
+
+
+@pytest.mark.parametrize("kind", DECODER_KINDS)
+def test_undecodable_file_is_skipped_like_the_pil_loader_does(kind, folder_with_undecodable):
+    root, bad = folder_with_undecodable
+    load, pil = loader(kind, root, "skip", size=12), loader("pil", root, "skip", size=12)
+    bad_index = [path for path, _ in load.samples].index(bad)
+    for epoch in range(2):                       # the second epoch replaces it before decoding
+        load.set_epoch(epoch)
+        pil.set_epoch(epoch)
+        batches, reference = list(load), list(pil)
+        assert len(batches) == 4 and all(views[0].shape == (8, 3, 12, 12) for views, _, _ in batches)
+        indices = torch.cat([b[2] for b in batches])
+        assert bad_index not in indices.tolist()
+        assert (indices == bad_index + 1).sum() == 2     # its slot: the next image, with the slot's seed
+        assert torch.equal(indices, torch.cat([b[2] for b in reference]))
+        # the same crops of the same images: resamplers differ by rounding only (PIL rounds to
+        # 8 bits between its two passes; torch and DALI do not), other crops by more than 20
+        for (views, _, _), (views_pil, _, _) in zip(batches, reference):
+            assert all((a.float() - b.float()).abs().mean() < 1.5 for a, b in zip(views, views_pil))
+    assert list(load.skipped.reasons) == [bad]
 
 
 @pytest.mark.parametrize("kind", FOLDER_KINDS)

@@ -5,6 +5,10 @@ resolve the crops: the decoder then receives, per image, the encoded bytes and o
 per view. The boxes are those the `pil` loader cuts for the same (seed, epoch, image), so the
 order, the sharding, the remainder, mid-epoch resume and the crop distribution are shared by
 every ImageFolder loader, and only the decoding and resizing differ.
+
+Files other than JPEGs (PNG, WebP, GIF, ...; rare in photo datasets) are decoded by PIL in the
+workers, as the `pil` loader reads them (alpha over white, palettes), and travel as raw PNM
+pixels: the decoders then meet JPEG and PNM only (nvJPEG reads JPEG alone; DALI drops alpha).
 """
 import io
 from typing import List, NamedTuple, Tuple
@@ -13,9 +17,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fastssl.data.badimages import BadImage, load_readable, read_image_bytes
+from fastssl.data.badimages import BadImage, image_format, load_readable, read_image_bytes
 from fastssl.data.crops import crop_box_pixels, crop_boxes, sample_crop_params
-from fastssl.data.imagefolder import ImageFolderLoader
+from fastssl.data.imagefolder import ImageFolderLoader, decode_rgb
 
 
 class EncodedBatch(NamedTuple):
@@ -32,15 +36,29 @@ class EncodedBatch(NamedTuple):
 
 
 def read_encoded(path: str) -> Tuple[bytes, int, int]:
-    """(bytes, height, width) of an image file that passes the quick check and whose header
-    PIL can read (the pixels are not decoded); BadImage naming the file otherwise."""
+    """(bytes, height, width) of an image file that passes the quick check: a JPEG as it is, with
+    its size from the header (the pixels are not decoded), any other format decoded by PIL and
+    given as PNM; BadImage naming the file otherwise."""
     data = read_image_bytes(path)
+    if image_format(data) != "jpeg":
+        image = decode_rgb(data, path)
+        return PNM_HEADER % image.size + image.tobytes(), image.height, image.width
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
     except Exception as exc:  # PIL raises many types for bad headers; all mean "cannot decode"
         raise BadImage(path, f"{type(exc).__name__}: {exc}") from exc
     return data, height, width
+
+
+PNM_HEADER = b"P6 %d %d 255\n"          # binary RGB, width and height
+
+
+def pnm_pixels(data: torch.Tensor) -> torch.Tensor:
+    """The (3, H, W) uint8 pixels of PNM bytes written by read_encoded (a view, not a copy)."""
+    header = bytes(data[:32].tolist()).split(b"\n", 1)[0]
+    width, height = (int(v) for v in header.split()[1:3])
+    return data[len(header) + 1:].view(height, width, 3).permute(2, 0, 1)
 
 
 def centre_box(height: int, width: int) -> Tuple[int, int, int, int]:
@@ -83,7 +101,7 @@ def collate_encoded(batch) -> EncodedBatch:
 
 class EncodedFolderLoader(ImageFolderLoader):
     """An ImageFolder loader whose workers yield EncodedBatch; subclasses decode them in `__iter__`
-    (with `encoded_batches()`) and record `self.skipped` through it."""
+    (with `encoded_batches()`), and a file that their decoder fails on is skipped with `replace`."""
 
     def dataset(self, on_bad_image: str):
         return EncodedDataset(self.samples, self.views, self.train, on_bad_image), collate_encoded
@@ -92,3 +110,29 @@ class EncodedFolderLoader(ImageFolderLoader):
         for batch in self.loader:
             self.skipped.add(batch.skipped)
             yield batch
+
+    def replace(self, batch: EncodedBatch, k: int, j: int, undecodable) -> EncodedBatch:
+        """`batch` (batch k of this epoch's iteration) with slot j filled by the next image after
+        it, in dataset order, that passes the workers' check and is not in `undecodable` (the
+        files the decoder failed on), its boxes drawn from the slot's seed, as the workers do for
+        a file that fails their check."""
+        key = list(self.loader.sampler)[k * self.loader.batch_size + j] if self.train else None  # (index, seed)
+        index = int(batch.indices[j])
+        for _ in range(len(self.samples)):
+            index = (index + 1) % len(self.samples)
+            if self.samples[index][0] in undecodable:
+                continue
+            item = self.loader.dataset[(index, key[1]) if self.train else index]
+            self.skipped.add(item[6])                 # the workers' check may pass over some files
+            if item[5] not in undecodable:
+                return put(batch, j, item)
+        raise RuntimeError(f"no image of the {len(self.samples)} in the dataset can be decoded")
+
+
+def put(batch: EncodedBatch, j: int, item) -> EncodedBatch:
+    """`batch` with slot j replaced by an EncodedDataset item (data, label, index, size, boxes, path, skipped)."""
+    data, label, index, size, boxes, path, _ = item
+    labels, indices, sizes, all_boxes = (t.clone() for t in (batch.labels, batch.indices, batch.sizes, batch.boxes))
+    labels[j], indices[j], sizes[j], all_boxes[j] = label, index, torch.tensor(size), torch.tensor(boxes)
+    return batch._replace(data=batch.data[:j] + [data] + batch.data[j + 1:], labels=labels, indices=indices,
+                          sizes=sizes, boxes=all_boxes, paths=batch.paths[:j] + [path] + batch.paths[j + 1:])

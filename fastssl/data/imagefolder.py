@@ -63,9 +63,14 @@ def scan_image_folder(root) -> Tuple[List[Tuple[str, int]], List[str]]:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode any PIL-readable image to RGB (grayscale, CMYK, palette, alpha over white);
-    BadImage (a RuntimeError) naming the file when it cannot be read or decoded."""
-    data = read_image_bytes(path)
+    """Decode any PIL-readable image file to RGB; BadImage (a RuntimeError) naming the file when
+    it cannot be read or decoded."""
+    return decode_rgb(read_image_bytes(path), path)
+
+
+def decode_rgb(data: bytes, path: str) -> Image.Image:
+    """The RGB image of a file's bytes (grayscale, CMYK, palette, alpha over white); BadImage
+    naming `path` when PIL cannot decode them."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
