@@ -93,10 +93,13 @@ class EncodedDataset(Dataset):
                 path, skipped)
 
 
-def collate_encoded(batch) -> EncodedBatch:
+def collate_encoded(batch):
+    """The batch's file bytes packed into one tensor (with their lengths): a worker hands one
+    shared-memory block to the main process rather than one per image, which is about twice as
+    fast; `encoded_batches` unpacks them into an EncodedBatch (views, no copy)."""
     data, labels, indices, sizes, boxes, paths, skipped = zip(*batch)
-    return EncodedBatch(list(data), torch.tensor(labels), torch.tensor(indices), torch.tensor(sizes),
-                        torch.tensor(boxes), list(paths), [entry for s in skipped for entry in s])
+    return (torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(labels), torch.tensor(indices),
+            torch.tensor(sizes), torch.tensor(boxes), list(paths), [entry for s in skipped for entry in s])
 
 
 class EncodedFolderLoader(ImageFolderLoader):
@@ -107,7 +110,8 @@ class EncodedFolderLoader(ImageFolderLoader):
         return EncodedDataset(self.samples, self.views, self.train, on_bad_image), collate_encoded
 
     def encoded_batches(self):
-        for batch in self.loader:
+        for packed, lengths, *rest in self.loader:
+            batch = EncodedBatch(list(torch.split(packed, lengths.tolist())), *rest)
             self.skipped.add(batch.skipped)
             yield batch
 
