@@ -69,6 +69,18 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from fastssl.data.convert import ConvertError, convert
+    try:
+        convert(args.src, args.out, max_side=args.max_side, write_mode=args.write_mode,
+                jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
+                workers=args.workers, on_bad_image=args.on_bad_image, force=args.force)
+    except (ConvertError, FileExistsError) as exc:
+        print(f"fastssl: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastssl", description="Fast self-supervised learning for vision.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +117,29 @@ def main(argv=None) -> int:
     p_show.add_argument("--count", type=int, default=8, help="images to show (default 8)")
     p_show.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method.name=jigsaw")
     p_show.set_defaults(func=cmd_show)
+    p_conv = sub.add_parser("convert", help="write an ImageFolder as an FFCV .beton for data.loader=ffcv",
+                            description="Write SRC (one sub-folder per class) as an FFCV dataset (fields image, "
+                                        "label) and OUT.beton.json next to it (classes, source file and label "
+                                        "of every stored image, skipped files, options).")
+    p_conv.add_argument("src", metavar="SRC_IMAGEFOLDER", help="ImageFolder to convert")
+    p_conv.add_argument("out", metavar="OUT.beton", help="FFCV file to write (its folder must exist)")
+    p_conv.add_argument("--max-side", type=int, default=512,
+                        help="downscale images whose longer side is larger to this many pixels; 0 keeps "
+                             "the sizes (default 512: decoding time grows with the pixels, and 512 keeps "
+                             "over twice the side of a 224-px view; FFCV's ImageNet recipes store 256-512)")
+    p_conv.add_argument("--write-mode", choices=("jpg", "raw", "smart", "proportion"), default="jpg",
+                        help="jpg: JPEG (small, decoded by libjpeg-turbo); raw: pixels (lossless, large, "
+                             "no decoding); smart: raw up to 256x256, JPEG above; proportion: JPEG with "
+                             "probability --compress-probability, else raw (default jpg)")
+    p_conv.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality, 1-100 (default 90)")
+    p_conv.add_argument("--compress-probability", type=float, default=0.5,
+                        help="--write-mode proportion: share of images stored as JPEG (default 0.5)")
+    p_conv.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+    p_conv.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                        help="an unreadable image: error stops naming the file; skip leaves it out and "
+                             "lists it in the report and the sidecar (default error)")
+    p_conv.add_argument("--force", action="store_true", help="overwrite OUT.beton if it exists")
+    p_conv.set_defaults(func=cmd_convert)
     args = parser.parse_args(argv)
     if getattr(args, "help_config", False):
         print(describe())

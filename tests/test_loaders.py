@@ -13,8 +13,11 @@ from fastssl.data import ViewCrop, build_loader, ensure_embedded_dataset
 from fastssl.data.badimages import SkippedImages
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
-KINDS = ["pil", "torch", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="nvidia-dali not installed"))]
-FOLDER_KINDS = KINDS       # loaders that read an ImageFolder and so meet its bad files
+HAVE_FFCV = importlib.util.find_spec("ffcv") is not None
+FOLDER_KINDS = ["pil", "torch", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI, reason="no DALI"))]
+# ffcv reads a .beton converted from the folder (its unreadable files are the converter's:
+# tests/test_data_ffcv.py)
+KINDS = FOLDER_KINDS + [pytest.param("ffcv", marks=pytest.mark.skipif(not HAVE_FFCV, reason="no FFCV"))]
 DECODER_KINDS = FOLDER_KINDS + [pytest.param("dali-per_view", marks=pytest.mark.skipif(not HAVE_DALI, reason="no DALI"))]
 
 
@@ -30,7 +33,18 @@ def data_config(kind, on_bad_image="error", **extra):
 def loader(kind, root, on_bad_image="error", skipped=None, **kwargs):
     kwargs.setdefault("size", 16)
     kwargs.setdefault("batch_size", 8)
+    if kind == "ffcv":
+        root = as_beton(root)
     return build_loader(data_config(kind, on_bad_image), str(root), skipped=skipped, **kwargs)
+
+
+def as_beton(folder):
+    """The folder converted once (raw pixels: lossless, as the folder loaders decode them)."""
+    from fastssl.data.convert import convert
+    beton = folder.parent / f"{folder.name}.beton"
+    if not beton.exists():
+        convert(folder, beton, write_mode="raw", workers=1, log=lambda *_: None, progress=False)
+    return beton
 
 
 def write(folder, name, image: Image.Image, **save_args):
