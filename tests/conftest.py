@@ -62,6 +62,27 @@ def tiny_config(tiny_cache, tmp_path):
     return make
 
 
+def write_image(folder, name, image, **save_args):
+    """Save a PIL image as folder/name (folders made as needed); returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / name, **save_args)
+    return folder / name
+
+
+def bad_image_folder(root, per_class: int):
+    """An ImageFolder of `per_class` good JPEGs in each of classes a and b, and three unreadable
+    files in a; returns {"a/<file>": the start of the reason every loader gives}."""
+    from PIL import Image
+    for i in range(per_class):
+        for cls in ("a", "b"):
+            write_image(root / cls, f"{i}.jpg", Image.new("RGB", (20, 20), (60 + 150 * i // per_class, 90, 30)))
+    good = (root / "a" / "0.jpg").read_bytes()
+    (root / "a" / "3_truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "a" / "4_empty.jpg").write_bytes(b"")
+    (root / "a" / "5_text.jpg").write_text("hello, I am not a picture")
+    return {"a/3_truncated.jpg": "truncated JPEG", "a/4_empty.jpg": "empty file", "a/5_text.jpg": "not an image"}
+
+
 def train_records(run_dir):
     """The `train` events of a run's metrics.jsonl."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()

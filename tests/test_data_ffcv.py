@@ -24,6 +24,7 @@ from fastssl.data import CLASSES, ViewCrop, scan_image_folder  # noqa: E402
 from fastssl.data.convert import ConvertError, FolderImages, convert, read_sidecar, sidecar_path  # noqa: E402
 from fastssl.data.crops import crop_box_pixels, crop_boxes  # noqa: E402
 from fastssl.data.ffcv_loader import FfcvLoader, beton_for, crop_box, crop_uniforms, epoch_key  # noqa: E402
+from conftest import bad_image_folder, write_image  # noqa: E402
 
 QUIET = dict(log=lambda *_: None, progress=False)
 
@@ -32,29 +33,11 @@ def files_in(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
-def write(folder, name, image: Image.Image, **save_args):
-    folder.mkdir(parents=True, exist_ok=True)
-    image.save(folder / name, **save_args)
-    return folder / name
-
-
 def coordinate_image(width=200, height=160, blue=128) -> Image.Image:
     """R = x and G = y exactly (widths and heights up to 256): a view's colours say where it was cut."""
     x = np.arange(width)[None, :].repeat(height, 0)
     y = np.arange(height)[:, None].repeat(width, 1)
     return Image.fromarray(np.stack([x, y, np.full_like(x, blue)], axis=2).astype(np.uint8))
-
-
-def bad_folder(root):
-    """Six good images in two classes, and an empty file, a text file and a truncated JPEG in `a`."""
-    for i in range(3):
-        for cls in ("a", "b"):
-            write(root / cls, f"{i}.jpg", Image.new("RGB", (20, 20), (60 + 40 * i, 90, 30)))
-    good = (root / "a" / "0.jpg").read_bytes()
-    (root / "a" / "3_truncated.jpg").write_bytes(good[: len(good) // 2])
-    (root / "a" / "4_empty.jpg").write_bytes(b"")
-    (root / "a" / "5_text.jpg").write_text("hello, I am not a picture")
-    return {"a/3_truncated.jpg": "truncated JPEG", "a/4_empty.jpg": "empty file", "a/5_text.jpg": "not an image"}
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +85,7 @@ def test_convert_writes_the_beton_and_its_sidecar(train_beton, tiny_split):
 
 
 def test_unreadable_files_are_skipped_and_reported(tmp_path):
-    reasons = bad_folder(tmp_path / "src")
+    reasons = bad_image_folder(tmp_path / "src", 3)
     lines = []
     report = convert(tmp_path / "src", tmp_path / "out.beton", on_bad_image="skip", workers=2,
                      log=lines.append, progress=False)
@@ -118,7 +101,7 @@ def test_unreadable_files_are_skipped_and_reported(tmp_path):
 
 
 def test_an_unreadable_file_stops_the_conversion_and_leaves_nothing(tmp_path):
-    bad_folder(tmp_path / "src")
+    bad_image_folder(tmp_path / "src", 3)
     (tmp_path / "out").mkdir()
     named = r"cannot decode image .*a/3_truncated.jpg: truncated JPEG.*--on-bad-image skip"
     with pytest.raises(ConvertError, match=named):
@@ -128,7 +111,7 @@ def test_an_unreadable_file_stops_the_conversion_and_leaves_nothing(tmp_path):
 
 def test_a_writer_that_fails_midway_leaves_nothing(tmp_path, monkeypatch):
     for i in range(40):
-        write(tmp_path / "src" / "c", f"{i:02d}.jpg", Image.new("RGB", (24, 24), (i, 0, 0)))
+        write_image(tmp_path / "src" / "c", f"{i:02d}.jpg", Image.new("RGB", (24, 24), (i, 0, 0)))
     read = FolderImages.__getitem__
 
     def fail_on_30(self, i):                 # a file that changed after the check, say
@@ -144,8 +127,8 @@ def test_a_writer_that_fails_midway_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_existing_output_is_kept_unless_forced_and_max_side_is_applied(tmp_path):
-    write(tmp_path / "src" / "c", "wide.png", Image.new("RGB", (100, 60), (200, 10, 10)))
-    write(tmp_path / "src" / "c", "small.png", Image.new("RGB", (30, 50), (10, 200, 10)))
+    write_image(tmp_path / "src" / "c", "wide.png", Image.new("RGB", (100, 60), (200, 10, 10)))
+    write_image(tmp_path / "src" / "c", "small.png", Image.new("RGB", (30, 50), (10, 200, 10)))
     out = tmp_path / "x.beton"
     convert(tmp_path / "src", out, max_side=40, write_mode="raw", workers=1, **QUIET)
     with pytest.raises(FileExistsError, match="exists; pass --force"):
@@ -163,7 +146,7 @@ def test_raw_and_jpeg_files_load_with_their_colours(mode, tmp_path_factory):
     root = tmp_path_factory.mktemp(mode)
     colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 210)}
     for name, rgb in colours.items():
-        write(root / "src" / name, "0.png", Image.new("RGB", (30, 22), rgb))
+        write_image(root / "src" / name, "0.png", Image.new("RGB", (30, 22), rgb))
     convert(root / "src", root / "x.beton", write_mode=mode, workers=1, **QUIET)
     assert set(Reader(str(root / "x.beton")).metadata["f0"]["mode"].tolist()) == {{"jpg": 0, "raw": 1}[mode]}
     load = FfcvLoader(root / "x.beton", size=8, batch_size=4, train=False, workers=1)
@@ -175,7 +158,7 @@ def test_raw_and_jpeg_files_load_with_their_colours(mode, tmp_path_factory):
 
 
 def test_the_cli_converts_and_reports_clear_errors(tmp_path, capsys):
-    bad_folder(tmp_path / "src")
+    bad_image_folder(tmp_path / "src", 3)
     out = tmp_path / "x.beton"
     args = ["convert", str(tmp_path / "src"), str(out), "--workers", "1", "--write-mode", "raw", "--max-side", "16"]
     assert main(args) == 2                                                   # the bad files stop it
@@ -251,8 +234,8 @@ def coordinate_beton(tmp_path_factory):
     """Raw (lossless) coordinate images of two sizes."""
     root = tmp_path_factory.mktemp("coords")
     for i in range(4):
-        write(root / "src" / "c", f"{i}.png", coordinate_image(200, 160, blue=i))
-        write(root / "src" / "d", f"{i}.png", coordinate_image(120, 250, blue=10 + i))
+        write_image(root / "src" / "c", f"{i}.png", coordinate_image(200, 160, blue=i))
+        write_image(root / "src" / "d", f"{i}.png", coordinate_image(120, 250, blue=10 + i))
     convert(root / "src", root / "coords.beton", write_mode="raw", max_side=0, workers=1, **QUIET)
     return root / "coords.beton"
 
@@ -337,7 +320,7 @@ def test_beton_for_reads_betons_converts_the_embedded_dataset_and_refuses_folder
     assert read_sidecar(beton)["options"]["write_mode"] == "raw" and Reader(str(beton)).num_samples == 60
     stamp = beton.stat().st_mtime_ns
     assert beton_for(val, cfg) == beton and beton.stat().st_mtime_ns == stamp      # converted once
-    write(tmp_path / "folder" / "c", "0.jpg", Image.new("RGB", (8, 8)))
+    write_image(tmp_path / "folder" / "c", "0.jpg", Image.new("RGB", (8, 8)))
     for folder, cache in ((tmp_path / "folder", str(tiny_cache)), (val, "")):
         with pytest.raises(ValueError, match=r"reads FFCV .beton files.*fastssl convert"):
             beton_for(folder, SimpleNamespace(cache_dir=cache, workers=1))

@@ -11,6 +11,7 @@ from PIL import Image
 
 from fastssl.data import ViewCrop, build_loader, ensure_embedded_dataset
 from fastssl.data.badimages import SkippedImages
+from conftest import bad_image_folder, write_image
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 HAVE_FFCV = importlib.util.find_spec("ffcv") is not None
@@ -45,12 +46,6 @@ def as_beton(folder):
     if not beton.exists():
         convert(folder, beton, write_mode="raw", workers=1, log=lambda *_: None, progress=False)
     return beton
-
-
-def write(folder, name, image: Image.Image, **save_args):
-    folder.mkdir(parents=True, exist_ok=True)
-    image.save(folder / name, **save_args)
-    return folder / name
 
 
 def coordinate_image(width=200, height=160) -> Image.Image:
@@ -100,7 +95,7 @@ def test_evaluation_loader_visits_every_image_once_in_order(kind, tiny):
 @pytest.mark.parametrize("kind", KINDS)
 def test_crops_follow_the_configured_scale_and_ratio(kind, tmp_path):
     for i in range(8):
-        write(tmp_path / "grid", f"{i}.jpg", coordinate_image(), quality=100)
+        write_image(tmp_path / "grid", f"{i}.jpg", coordinate_image(), quality=100)
     scale, ratio, size = (0.25, 0.5), (3 / 4, 4 / 3), 32
     load = loader(kind, tmp_path, size=size, batch_size=8, scale=scale, ratio=ratio)
     areas, ratios = [], []
@@ -175,11 +170,11 @@ def unusual(tmp_path_factory):
     """An ImageFolder of images that must decode: grayscale, CMYK and PNG-with-alpha files,
     a PNG named .jpg, a 10,000 x 10,000 JPEG, and a text file that is ignored."""
     root = tmp_path_factory.mktemp("unusual")
-    write(root / "gray", "gray.jpg", Image.new("L", (40, 30), 128), quality=95)
-    write(root / "cmyk", "cmyk.jpg", Image.new("CMYK", (40, 30), (0, 255, 0, 0)), quality=95)
-    write(root / "alpha", "alpha.png", Image.new("RGBA", (40, 30), (255, 0, 0, 0)))
-    write(root / "png_as_jpg", "png.jpg", Image.new("RGB", (40, 30), (0, 0, 200)), format="PNG")
-    write(root / "huge", "huge.jpg", Image.new("RGB", (10_000, 10_000), (0, 200, 0)), quality=50)
+    write_image(root / "gray", "gray.jpg", Image.new("L", (40, 30), 128), quality=95)
+    write_image(root / "cmyk", "cmyk.jpg", Image.new("CMYK", (40, 30), (0, 255, 0, 0)), quality=95)
+    write_image(root / "alpha", "alpha.png", Image.new("RGBA", (40, 30), (255, 0, 0, 0)))
+    write_image(root / "png_as_jpg", "png.jpg", Image.new("RGB", (40, 30), (0, 0, 200)), format="PNG")
+    write_image(root / "huge", "huge.jpg", Image.new("RGB", (10_000, 10_000), (0, 200, 0)), quality=50)
     (root / "gray" / "notes.txt").write_text("not an image")
     return root
 
@@ -197,21 +192,9 @@ def test_unusual_images_decode_to_the_right_colours(kind, unusual, caplog):
         assert np.allclose(colour[name], rgb, atol=6), (name, colour[name])
 
 
-def bad_folder(root):
-    """16 good images in two classes, and three unreadable files in class `a`."""
-    for i in range(8):
-        for cls in ("a", "b"):
-            write(root / cls, f"{i}.jpg", Image.new("RGB", (20, 20), (60 + 20 * i, 90, 30)))
-    good = (root / "a" / "0.jpg").read_bytes()
-    (root / "a" / "3_truncated.jpg").write_bytes(good[: len(good) // 2])
-    (root / "a" / "4_empty.jpg").write_bytes(b"")
-    (root / "a" / "5_text.jpg").write_text("hello, I am not a picture")
-    return {"3_truncated.jpg": "truncated JPEG", "4_empty.jpg": "empty file", "5_text.jpg": "not an image"}
-
-
 @pytest.mark.parametrize("kind", FOLDER_KINDS)
 def test_unreadable_files_stop_the_run_naming_the_file(kind, tmp_path):
-    bad_folder(tmp_path)
+    bad_image_folder(tmp_path, 8)
     load = loader(kind, tmp_path, batch_size=19, train=False)
     with pytest.raises(RuntimeError, match=r"cannot decode image .*a/3_truncated.jpg: truncated JPEG.*on_bad_image=skip"):
         list(load)
@@ -220,7 +203,7 @@ def test_unreadable_files_stop_the_run_naming_the_file(kind, tmp_path):
 @pytest.mark.parametrize("kind", FOLDER_KINDS)
 @pytest.mark.parametrize("train", [True, False])
 def test_unreadable_files_are_skipped_and_listed(kind, train, tmp_path):
-    reasons = bad_folder(tmp_path / "data")
+    reasons = bad_image_folder(tmp_path / "data", 8)
     skipped = SkippedImages(tmp_path / "run" / "skipped_images.tsv")
     load = loader(kind, tmp_path / "data", on_bad_image="skip", skipped=skipped, batch_size=19 if not train else 8,
                   train=train)
@@ -229,14 +212,14 @@ def test_unreadable_files_are_skipped_and_listed(kind, train, tmp_path):
         assert all(v.shape[0] == len(labels) == len(indices) for v in views)     # batches stay whole
         for label, index in zip(labels.tolist(), indices.tolist()):
             path = load.samples[index][0]
-            assert path.split("/")[-1] not in reasons and load.classes[label] == path.split("/")[-2]
+            assert "/".join(path.split("/")[-2:]) not in reasons and load.classes[label] == path.split("/")[-2]
     if not train:
         assert [len(b[2]) for b in load_all] == [19]
     lines = (tmp_path / "run" / "skipped_images.tsv").read_text().splitlines()
     assert lines[0] == "path\treason" and len(lines) == 1 + 3
     for line in lines[1:]:
         path, reason = line.split("\t")
-        assert reasons[path.split("/")[-1]] in reason
+        assert reasons["/".join(path.split("/")[-2:])] in reason
 
 
 def corrupt_huffman_table(path) -> None:
@@ -300,7 +283,7 @@ def test_folder_errors_are_clear(kind, tmp_path):
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         loader(kind, tmp_path / "missing")
     for i in range(5):
-        write(tmp_path / "few" / "cls", f"{i}.jpg", Image.new("RGB", (8, 8)))
+        write_image(tmp_path / "few" / "cls", f"{i}.jpg", Image.new("RGB", (8, 8)))
     (tmp_path / "few" / "empty_class").mkdir()
     with pytest.raises(ValueError, match=r"holds 5 images, fewer than one batch \(train.batch_size=8\)"):
         loader(kind, tmp_path / "few")
