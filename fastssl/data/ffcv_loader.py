@@ -46,31 +46,26 @@ import numba
 import numpy as np
 import torch
 
-_threads = torch.get_num_threads()      # importing FFCV sets torch's threads to 1 (Compiler.set_num_threads)
-try:
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder
-    from ffcv.libffcv import imdecode, resize_crop
-    from ffcv.loader import Loader
-    from ffcv.loader.epoch_iterator import IS_CUDA
-    from ffcv.memory_managers.os_cache import OSCacheManager
-    from ffcv.pipeline import PipelineSpec
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
-    from ffcv.pipeline.operation import Operation
-    from ffcv.pipeline.state import State
-    from ffcv.transforms import ToDevice, ToTensor
-    from ffcv.traversal_order.base import TraversalOrder
-    from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner
-    from ffcv.utils import cast_int_to_byte_ptr
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("data.loader=ffcv needs FFCV: pip install -e '.[ffcv]' (and its build packages, "
-                      "see scripts/install.sh)") from exc
-finally:
-    torch.set_num_threads(_threads)
+# fastssl.data.convert imports FFCV first: the one place that says how to install it and that
+# undoes the torch thread count FFCV sets on import.
+from fastssl.data.convert import convert, read_sidecar  # noqa: I001
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader
+from ffcv.loader.epoch_iterator import IS_CUDA
+from ffcv.memory_managers.os_cache import OSCacheManager
+from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from ffcv.transforms import ToDevice, ToTensor
+from ffcv.traversal_order.base import TraversalOrder
+from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner
+from ffcv.utils import cast_int_to_byte_ptr
 
 from fastssl.data.badimages import SkippedImages
-from fastssl.data.convert import convert, read_sidecar
 from fastssl.data.imagefolder import EpochSampler, ViewCrop, check_batch_fits
 
 log = logging.getLogger("fastssl.data")
