@@ -35,7 +35,9 @@ class DataConfig:
     decoded in batches by torchvision on the training device), `dali` (NVIDIA DALI: nvJPEG on the
     GPU, a CPU pipeline without one) or `ffcv` (FFCV .beton files, see `fastssl convert`)."""
     workers: int = 2
-    """Worker processes (pil, torch: file reading; 0 reads in the main process) or threads (dali, ffcv)."""
+    """Reader processes (pil: they also decode; torch, dali: they read the files and resolve the
+    crops; 0 reads in the main process), plus as many DALI threads (dali, at least 1), or FFCV's
+    threads (ffcv, at least 1)."""
     on_bad_image: str = "error"
     """An unreadable image (empty, not an image, truncated, undecodable): `error` stops the run
     naming the file; `skip` uses the next readable image instead and lists the file in
