@@ -20,7 +20,7 @@ pytest.importorskip("ffcv")
 from ffcv.reader import Reader  # noqa: E402
 
 from fastssl.cli import main  # noqa: E402
-from fastssl.data import CLASSES, ViewCrop, scan_image_folder  # noqa: E402
+from fastssl.data import CLASSES, ViewCrop, ensure_embedded_dataset, scan_image_folder  # noqa: E402
 from fastssl.data.convert import ConvertError, FolderImages, convert, read_sidecar, sidecar_path  # noqa: E402
 from fastssl.data.crops import crop_box_pixels, crop_boxes  # noqa: E402
 from fastssl.data.ffcv_loader import FfcvLoader, beton_for, crop_box, crop_uniforms, epoch_key  # noqa: E402
@@ -43,8 +43,7 @@ def coordinate_image(width=200, height=160, blue=128) -> Image.Image:
 @pytest.fixture(scope="module")
 def tiny_split(tiny_cache):
     """(train, val) ImageFolders of the tiny embedded dataset: 160 and 60 16-px JPEGs, 10 classes."""
-    (root,) = tiny_cache.glob("shapes-*")
-    return root / "train", root / "val"
+    return ensure_embedded_dataset(str(tiny_cache), 16, 6, 16)
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +311,7 @@ def test_beton_for_reads_betons_converts_the_embedded_dataset_and_refuses_folder
     assert beton_for(train_beton[0], cfg) == train_beton[0]
     with pytest.raises(FileNotFoundError, match="FFCV dataset not found"):
         beton_for(tmp_path / "missing.beton", cfg)
-    val = next(tiny_cache.glob("shapes-*")) / "val"
+    val = ensure_embedded_dataset(str(tiny_cache), 16, 6, 16)[1]
     with caplog.at_level("INFO", logger="fastssl.data"):
         beton = beton_for(val, cfg)
     assert beton == val.with_suffix(".beton") and sidecar_path(beton).is_file()
