@@ -2,6 +2,7 @@
 the crops, the labels, the sharding and the unreadable files. DALI runs its CPU pipeline here."""
 import importlib.util
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -325,3 +326,24 @@ def test_training_lists_skipped_files_in_the_run_directory(kind, tiny, tiny_conf
                                      "after the last scan)"]
     final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["event"] == "eval" and final["skipped_images"] == 1
+
+
+SAMPLE = Path(__file__).parent.parent.parent / "shared" / "data" / "imagenet-sample"
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="shared/data/imagenet-sample not present")
+@pytest.mark.parametrize("kind", KINDS)
+def test_real_photos(kind, tmp_path):
+    photos = sorted(SAMPLE.iterdir())[:16]       # ImageNet JPEGs, about 500 x 375, some grayscale
+    for f in photos:
+        (tmp_path / "photos" / ("a" if f.name < photos[8].name else "b")).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / ("a" if f.name < photos[8].name else "b") / f.name).symlink_to(f)
+    load = loader(kind, tmp_path / "photos", size=64, batch_size=16, seed=1)
+    load.set_epoch(0)
+    (first, second), labels, indices = next(iter(load))
+    assert first.shape == second.shape == (16, 3, 64, 64) and first.dtype == torch.uint8
+    assert sorted(indices.tolist()) == list(range(16)) and labels.tolist().count(0) == 8
+    for view in (first, second):
+        per_image = view.float().std((1, 2, 3))
+        assert (per_image > 10).all() and 30 < view.float().mean() < 220    # photos, not blanks
+    assert (first.float() - second.float()).abs().mean() > 10               # two different crops
