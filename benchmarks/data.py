@@ -10,7 +10,8 @@ every CPU core (`--workers`, default all: worker processes for pil and torch, th
 and FFCV), and its CPU use is measured over the timed batches (CPU seconds of the process and
 its worker processes / wall seconds = the cores it kept busy). `dali-per_view` is DALI with
 `data.dali_decode=per_view` (ROI decoding per view). `ffcv` reads a .beton converted from the
-same folder first (`--max-side`, default 512, JPEG quality 90; the conversion is timed apart).
+same folder first (`--max-side`, default 512, `--write-mode`, default jpg, `--compress-probability`
+for `proportion`; JPEG quality 90; the conversion is timed apart).
 A JSON record is appended to benchmarks/results/data_<device>.json.
 """
 import argparse
@@ -78,11 +79,13 @@ def image_folder(src: Path, work: Path) -> Path:
     return folder.parent
 
 
-def to_beton(folder: Path, work: Path, max_side: int) -> (Path, float):
+def to_beton(folder: Path, work: Path, args) -> (Path, float):
     from fastssl.cli import main as cli
     out = work / "sample.beton"
     start = time.perf_counter()
-    if cli(["convert", str(folder), str(out), "--max-side", str(max_side), "--write-mode", "jpg"]) not in (0, None):
+    command = ["convert", str(folder), str(out), "--max-side", str(args.max_side), "--write-mode", args.write_mode,
+               "--compress-probability", str(args.compress_probability)]
+    if cli(command) not in (0, None):
         raise RuntimeError(f"fastssl convert {folder} {out} failed")
     return out, time.perf_counter() - start
 
@@ -122,6 +125,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=40, help="timed batches per loader")
     parser.add_argument("--warmup", type=int, default=8, help="untimed batches per loader")
     parser.add_argument("--max-side", type=int, default=512, help="ffcv: the .beton's maximum side (default 512)")
+    parser.add_argument("--write-mode", default="jpg", choices=("jpg", "raw", "smart", "proportion"),
+                        help="ffcv: how the .beton stores images (default jpg)")
+    parser.add_argument("--compress-probability", type=float, default=0.5,
+                        help="ffcv, --write-mode proportion: the share stored as JPEG (default 0.5)")
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -150,9 +157,9 @@ def main(argv=None) -> int:
                                        cache_dir=str(work))
             root, extra = folder, {}
             if kind == "ffcv":
-                root, seconds = to_beton(folder, work, args.max_side)
+                root, seconds = to_beton(folder, work, args)
                 extra = {"convert_seconds": seconds, "beton_mb": root.stat().st_size / 2**20,
-                         "max_side": args.max_side}
+                         "max_side": args.max_side, "write_mode": args.write_mode}
             loader = build_loader(data_cfg, str(root), size=args.size, batch_size=args.batch, device=device)
             results[name] = {**time_loader(loader, args.batches, args.warmup, device), **extra}
             del loader
