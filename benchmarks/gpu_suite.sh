@@ -78,8 +78,9 @@ if [ -d "$SAMPLE" ]; then
 fi
 
 # ------------------------------------------------ stage: input pipeline (torch decode, DALI, FFCV)
-# DALI and FFCV are not on the GPU machine: install them first (pip install -e '.[dali,ffcv]', or
-# the carried wheels); without them their tests skip and the comparison leaves them out.
+# DALI and FFCV are not on the GPU machine: bring them first (benchmarks/gpu_carry.sh prepares
+# them here, in parts the device tool can carry, and says how to install them there); without
+# them their tests skip and the comparison leaves them out.
 # 1. correctness on the GPU: every loader's contract, nvJPEG (DALI mixed, torchvision) vs the CPU.
 env -u TRITON_INTERPRET "$PY" -m pytest tests/test_loaders.py tests/test_data.py tests/test_data_dali.py \
     tests/test_data_ffcv.py -q -rs 2>&1 | tee benchmarks/results/logs/test_data_gpu.log
