@@ -63,6 +63,11 @@ class BadImage(RuntimeError):
         self.path, self.reason = path, reason
 
 
+def stop_on(exc: BadImage) -> RuntimeError:
+    """The error that ends a run under data.on_bad_image=error: the file, the reason, the way out."""
+    return RuntimeError(f"{exc} (set data.on_bad_image=skip to skip such files)")
+
+
 def read_image_bytes(path: str) -> bytes:
     """The file's bytes after the quick check; BadImage naming the file otherwise."""
     try:
@@ -88,7 +93,7 @@ def load_readable(samples: Sequence[Tuple[str, int]], index: int, load: Callable
             return load(i), i, skipped
         except BadImage as exc:
             if on_bad_image != "skip":
-                raise RuntimeError(f"{exc} (set data.on_bad_image=skip to skip such files)") from exc
+                raise stop_on(exc) from exc
             skipped.append((exc.path, exc.reason))
     raise RuntimeError(f"no readable image among the {len(samples)} files of the dataset "
                        f"(the first: {skipped[0][0]}: {skipped[0][1]})")

@@ -92,7 +92,6 @@ class DaliLoader(EncodedFolderLoader):
             raise ValueError(f"data.dali_decode: unknown mode {decode!r}; choose one of {', '.join(DECODE_MODES)}")
         super().__init__(root, workers=workers, **kwargs)
         self.decode, self.threads = decode, max(1, workers)
-        self.undecodable = {}      # path -> reason: files that passed the workers' check but not DALI
         self.pipe, self.in_flight = None, 0
 
     def __iter__(self):
@@ -146,11 +145,9 @@ class DaliLoader(EncodedFolderLoader):
             return [torch.from_dlpack(out.as_tensor()) for out in outs]
 
     def submit(self, k: int, batch: EncodedBatch) -> EncodedBatch:
-        """Feed batch `k` of this iteration, its known-undecodable files replaced (only under
-        `skip`: under `error` the first one ended the run); returns the batch as fed."""
-        for j in range(len(batch.paths)):
-            while batch.paths[j] in self.undecodable:
-                batch = self.replace(batch, k, j, self.undecodable)
+        """Feed batch `k` of this iteration, its known-undecodable files replaced; returns the
+        batch as fed."""
+        batch = self.without_undecodable(batch, k)
         self.feed(batch)
         return batch
 
@@ -182,17 +179,11 @@ class DaliLoader(EncodedFolderLoader):
     def repair(self, k: int, batch: EncodedBatch, error: RuntimeError) -> EncodedBatch:
         """Batch `k` after DALI failed on it: each image DALI cannot decode alone ends the run
         (`error`) or is replaced (`skip`). Re-raises `error` when every image decodes alone."""
-        on_bad_image, found = self.loader.dataset.on_bad_image, False
+        found = False
         for j in range(len(batch.paths)):
             while not self.decodes(batch, j):
-                found, path = True, batch.paths[j]
-                reason = decoder_failure(path)
-                if on_bad_image != "skip":
-                    raise RuntimeError(f"{BadImage(path, reason)} "
-                                       "(set data.on_bad_image=skip to skip such files)") from error
-                self.undecodable[path] = reason
-                self.skipped.add([(path, reason)])
-                batch = self.replace(batch, k, j, self.undecodable)
+                found = True
+                batch = self.undecodable_file(batch, k, j, decoder_failure(batch.paths[j]))
         if not found:              # not one file's fault (e.g. out of memory): nothing to skip
             raise error
         return batch

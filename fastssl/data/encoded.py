@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fastssl.data.badimages import BadImage, image_format, load_readable, read_image_bytes
+from fastssl.data.badimages import BadImage, image_format, load_readable, read_image_bytes, stop_on
 from fastssl.data.crops import crop_box_pixels, crop_boxes, sample_crop_params
 from fastssl.data.imagefolder import ImageFolderLoader, decode_rgb
 
@@ -104,7 +104,13 @@ def collate_encoded(batch):
 
 class EncodedFolderLoader(ImageFolderLoader):
     """An ImageFolder loader whose workers yield EncodedBatch; subclasses decode them in `__iter__`
-    (with `encoded_batches()`), and a file that their decoder fails on is skipped with `replace`."""
+    (with `encoded_batches()`). A file their decoder fails on goes to `undecodable_file`, which
+    ends the run or, under `skip`, replaces it in this batch and, through `without_undecodable`,
+    in every later one."""
+
+    def __init__(self, root, **kwargs):
+        super().__init__(root, **kwargs)
+        self.undecodable = {}      # path -> reason: files that passed the workers' check but not the decoder
 
     def dataset(self, on_bad_image: str):
         return EncodedDataset(self.samples, self.views, self.train, on_bad_image), collate_encoded
@@ -115,11 +121,30 @@ class EncodedFolderLoader(ImageFolderLoader):
             self.skipped.add(batch.skipped)
             yield batch
 
-    def replace(self, batch: EncodedBatch, k: int, j: int, undecodable) -> EncodedBatch:
+    def undecodable_file(self, batch: EncodedBatch, k: int, j: int, reason: str) -> EncodedBatch:
+        """Slot j of batch k holds a file the decoder fails on: under `error` the run stops naming
+        it; under `skip` it is recorded and the batch returned with the slot replaced."""
+        path = batch.paths[j]
+        if self.loader.dataset.on_bad_image != "skip":
+            raise stop_on(BadImage(path, reason))
+        self.undecodable[path] = reason
+        self.skipped.add([(path, reason)])
+        return self.replace(batch, k, j)
+
+    def without_undecodable(self, batch: EncodedBatch, k: int) -> EncodedBatch:
+        """Batch k with the files the decoder already failed on replaced (only under `skip`: under
+        `error` the first one ended the run)."""
+        for j in range(len(batch.paths)):
+            while batch.paths[j] in self.undecodable:
+                batch = self.replace(batch, k, j)
+        return batch
+
+    def replace(self, batch: EncodedBatch, k: int, j: int) -> EncodedBatch:
         """`batch` (batch k of this epoch's iteration) with slot j filled by the next image after
-        it, in dataset order, that passes the workers' check and is not in `undecodable` (the
-        files the decoder failed on), its boxes drawn from the slot's seed, as the workers do for
-        a file that fails their check."""
+        it, in dataset order, that passes the workers' check and that the decoder has not failed
+        on, its boxes drawn from the slot's seed, as the workers do for a file that fails their
+        check."""
+        undecodable = self.undecodable
         key = list(self.loader.sampler)[k * self.loader.batch_size + j] if self.train else None  # (index, seed)
         index = int(batch.indices[j])
         for _ in range(len(self.samples)):

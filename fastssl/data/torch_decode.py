@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from fastssl.data.badimages import BadImage, image_format
+from fastssl.data.badimages import image_format
 from fastssl.data.encoded import EncodedBatch, EncodedFolderLoader, pnm_pixels
 
 
@@ -35,10 +35,6 @@ def is_jpeg(data: torch.Tensor) -> bool:
 class TorchDecodeLoader(EncodedFolderLoader):
     """Batches of `(views, labels, indices)` decoded on `device` (see the module docstring)."""
 
-    def __init__(self, root, **kwargs):
-        super().__init__(root, **kwargs)
-        self.undecodable = {}      # path -> reason: files that passed the workers' check but not the decoder
-
     def __iter__(self):
         for k, batch in enumerate(self.encoded_batches()):
             images, batch = self.decode(k, batch)
@@ -50,20 +46,13 @@ class TorchDecodeLoader(EncodedFolderLoader):
     def decode(self, k: int, batch: EncodedBatch):
         """(images, batch): one (3, H, W) uint8 image per slot of batch k on the device, and the
         batch as decoded (slots of undecodable files replaced under `skip`)."""
-        for j in range(len(batch.paths)):
-            while batch.paths[j] in self.undecodable:
-                batch = self.replace(batch, k, j, self.undecodable)
+        batch = self.without_undecodable(batch, k)
         try:
             return self.decode_all(batch.data), batch
         except RuntimeError:       # one bad JPEG fails the whole call: find it, one by one
             for j in range(len(batch.data)):
                 while (reason := self.decoder_failure(batch.data[j])) is not None:
-                    path = batch.paths[j]
-                    if self.loader.dataset.on_bad_image != "skip":
-                        raise RuntimeError(f"{BadImage(path, reason)} (set data.on_bad_image=skip to skip such files)")
-                    self.undecodable[path] = reason
-                    self.skipped.add([(path, reason)])
-                    batch = self.replace(batch, k, j, self.undecodable)
+                    batch = self.undecodable_file(batch, k, j, reason)
             return self.decode_all(batch.data), batch
 
     def decode_all(self, data):
