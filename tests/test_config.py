@@ -76,6 +76,16 @@ def test_shipped_configs_load(path):
     load_config(path)
 
 
+def test_demo_config_resolves_for_every_method():
+    from fastssl.methods import METHODS
+    demo = Path(__file__).parent.parent / "configs" / "demo.yaml"
+    optimisers = {name: load_config(demo, [f"method.name={name}"]).optim for name in METHODS}
+    # The YAML anchor shares one optimiser among the sections that name it, and no others.
+    shared = {name for name, o in optimisers.items() if (o.name, o.lr, o.weight_decay) == ("sgd", 0.05, 5e-4)}
+    assert shared == {"byol", "simsiam", "dino"}
+    assert optimisers["simclr"].name == optimisers["moco_v3"].name == "lars"
+
+
 def test_imagenet_config_has_the_paper_settings():
     cfg = load_config(Path(__file__).parent.parent / "configs" / "simclr_resnet50_imagenet.yaml")
     assert (cfg.train.batch_size, cfg.optim.name, cfg.optim.lr, cfg.optim.lr_scaling) == (4096, "lars", 0.3, "linear")
