@@ -2,7 +2,7 @@
 ``fastssl train --config configs/demo.yaml method.name=X train.threads=1`` (``--jobs`` at a time,
 one thread each) and keeps the final line ``kNN top-1: X=NN.N% random-init=NN.N%``.
 
-    python benchmarks/demo_runs.py byol simsiam dino moco_v3 [--seeds 0 1] [--jobs 2]
+    python benchmarks/demo_runs.py byol simsiam dino moco_v3 [--seeds 0 1] [--jobs 2] [-- key=value ...]
 
 Writes benchmarks/results/methods_demo_<device>.json: the command of every run, its kNN line and
 two numbers, its wall time (not the demo's time alone when runs share the cores), and the method
@@ -54,9 +54,9 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each takes one thread)")
     p.add_argument("--run-root", default=str(ROOT / "runs" / "demo_runs"), help="where the runs write")
     p.add_argument("--out", help="the JSON file (default benchmarks/results/methods_demo_<device>.json)")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="after --: key=value for every run")
-    args = p.parse_args(argv)
-    extra = [o for o in args.overrides if o != "--"]
+    argv = sys.argv[1:] if argv is None else argv
+    ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = p.parse_args(ours)   # after "--": key=value overrides for every run
     jobs = [(m, s) for m in args.methods for s in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_one, m, s, Path(args.run_root), extra) for m, s in jobs]
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"methods_demo_{device}.json"
     out.write_text(json.dumps({
         "benchmark": "methods_demo", "device": device, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "git_sha": loss_benchmark.git_sha(), "command": " ".join(["python", "benchmarks/demo_runs.py", *(argv or sys.argv[1:])]),
+        "git_sha": loss_benchmark.git_sha(), "command": " ".join(["python", "benchmarks/demo_runs.py", *argv]),
         "note": f"{args.jobs} runs at a time, one thread each", "runs": records}, indent=1) + "\n")
     print(f"wrote {out}")
     return 1 if any("error" in r for r in records) else 0
