@@ -1,0 +1,30 @@
+"""benchmarks/demo_runs.py: the demo's kNN line per method and seed, recorded as JSON."""
+import json
+import sys
+from pathlib import Path
+
+from conftest import TINY_DATA
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import demo_runs  # noqa: E402
+
+
+def test_demo_runs_records_each_run_and_fails_loudly(tiny_cache, tmp_path):
+    tiny = [f"data.cache_dir={tiny_cache}", "data.workers=0", *(f"data.{k}={v}" for k, v in TINY_DATA.items()),
+            "augment.size=16", "model.proj_hidden_dim=64", "model.proj_dim=32", "train.epochs=1",
+            "train.batch_size=32", "eval.knn_k=20"]
+    out, runs_root = tmp_path / "demo.json", tmp_path / "runs"
+    assert demo_runs.main(["simclr", "byol", "--seeds", "3", "--run-root", str(runs_root), "--out", str(out),
+                           "--", *tiny]) == 0
+    runs = {r["method"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"simclr", "byol"}
+    for method, r in runs.items():
+        assert r["knn_line"] == f"kNN top-1: {method}={r['knn_top1']:.1f}% random-init={r['knn_top1_random_init']:.1f}%"
+        assert "train.seed=3" in r["command"] and r["epochs"] == 1
+    # The settings come from the run's own config: the demo file's per_method section reached BYOL only.
+    assert (runs["byol"]["optim"]["name"], runs["simclr"]["optim"]["name"]) == ("sgd", "lars")
+
+    # A run that fails is recorded with the end of its output, and the script exits non-zero.
+    assert demo_runs.main(["simclr", "--run-root", str(runs_root), "--out", str(out), "--", "train.epoch=1"]) == 1
+    (failed,) = json.loads(out.read_text())["runs"]
+    assert "unknown config key 'train.epoch'" in failed["error"] and "knn_top1" not in failed
