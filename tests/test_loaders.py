@@ -336,8 +336,9 @@ SAMPLE = Path(__file__).parent.parent.parent / "shared" / "data" / "imagenet-sam
 def test_real_photos(kind, tmp_path):
     photos = sorted(SAMPLE.iterdir())[:16]       # ImageNet JPEGs, about 500 x 375, some grayscale
     for f in photos:
-        (tmp_path / "photos" / ("a" if f.name < photos[8].name else "b")).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "photos" / ("a" if f.name < photos[8].name else "b") / f.name).symlink_to(f)
+        folder = tmp_path / "photos" / ("a" if f.name < photos[8].name else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f.name).symlink_to(f)
     load = loader(kind, tmp_path / "photos", size=64, batch_size=16, seed=1)
     load.set_epoch(0)
     (first, second), labels, indices = next(iter(load))

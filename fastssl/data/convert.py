@@ -30,7 +30,6 @@ import shlex
 import time
 import traceback
 from pathlib import Path
-from time import sleep
 
 import numpy as np
 import torch
@@ -164,7 +163,7 @@ class Writer(DatasetWriter):
                     now = done.value
                     bar.update(now - written)
                     written = now
-                    sleep(0.1)
+                    time.sleep(0.1)
             allocation_list = []
             while len(allocation_list) < len(processes):    # each process sends its table when done
                 try:

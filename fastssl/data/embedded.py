@@ -105,13 +105,28 @@ def draw_image(label: int, rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(arr).filter(ImageFilter.SMOOTH) if rng.random() < 0.3 else Image.fromarray(arr)
 
 
+NAME_PREFIX = "shapes-"
+SPLITS = ("train", "val")
+COMPLETE = ".complete"     # written last: its presence means the dataset folder is whole
+
+
 def dataset_name(train_per_class: int, val_per_class: int, image_size: int) -> str:
     key = f"v{VERSION}-{train_per_class}-{val_per_class}-{image_size}"
-    return f"shapes-{image_size}px-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    return f"{NAME_PREFIX}{image_size}px-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def is_embedded_split(path: Path, cache_dir: str) -> bool:
+    """Whether `path` is a split (train/ or val/) of a complete embedded dataset under `cache_dir`."""
+    if not cache_dir:
+        return False
+    cache = Path(os.path.expanduser(cache_dir)).resolve()
+    path = path.resolve()
+    return (path.name in SPLITS and path.parent.parent == cache and path.parent.name.startswith(NAME_PREFIX)
+            and (path.parent / COMPLETE).exists())
 
 
 def write_split(root: Path, split: str, per_class: int, image_size: int) -> None:
-    split_id = {"train": 0, "val": 1}[split]
+    split_id = SPLITS.index(split)
     for label, name in enumerate(CLASSES):
         folder = root / split / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -128,7 +143,7 @@ def ensure_embedded_dataset(cache_dir: str = "~/.cache/fastssl", train_per_class
         raise ValueError(f"data.embedded_image_size: must be at least 8 pixels, got {image_size}")
     cache = Path(os.path.expanduser(cache_dir))
     root = cache / dataset_name(train_per_class, val_per_class, image_size)
-    if not (root / ".complete").exists():
+    if not (root / COMPLETE).exists():
         cache.mkdir(parents=True, exist_ok=True)
         n = (train_per_class + val_per_class) * len(CLASSES)
         log(f"writing the embedded dataset ({n} JPEGs, {image_size}px) to {root} ...")
@@ -136,7 +151,7 @@ def ensure_embedded_dataset(cache_dir: str = "~/.cache/fastssl", train_per_class
         try:
             write_split(tmp, "train", train_per_class, image_size)
             write_split(tmp, "val", val_per_class, image_size)
-            (tmp / ".complete").touch()
+            (tmp / COMPLETE).touch()
             if root.exists():        # a stale, incomplete folder from an older interrupted write
                 shutil.rmtree(root)
             os.replace(tmp, root)

@@ -144,16 +144,15 @@ class EncodedFolderLoader(ImageFolderLoader):
         it, in dataset order, that passes the workers' check and that the decoder has not failed
         on, its boxes drawn from the slot's seed, as the workers do for a file that fails their
         check."""
-        undecodable = self.undecodable
         key = list(self.loader.sampler)[k * self.loader.batch_size + j] if self.train else None  # (index, seed)
         index = int(batch.indices[j])
         for _ in range(len(self.samples)):
             index = (index + 1) % len(self.samples)
-            if self.samples[index][0] in undecodable:
+            if self.samples[index][0] in self.undecodable:
                 continue
             item = self.loader.dataset[(index, key[1]) if self.train else index]
             self.skipped.add(item[6])                 # the workers' check may pass over some files
-            if item[5] not in undecodable:
+            if item[5] not in self.undecodable:
                 return put(batch, j, item)
         raise RuntimeError(f"no image of the {len(self.samples)} in the dataset can be decoded")
 

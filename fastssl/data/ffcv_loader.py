@@ -66,6 +66,7 @@ from ffcv.traversal_order.quasi_random import QuasiRandom, generate_order_inner
 from ffcv.utils import cast_int_to_byte_ptr
 
 from fastssl.data.badimages import SkippedImages
+from fastssl.data.embedded import is_embedded_split
 from fastssl.data.imagefolder import EpochSampler, ViewCrop, check_batch_fits
 
 log = logging.getLogger("fastssl.data")
@@ -394,16 +395,6 @@ def next_batch(iterator):
 
 # ---------------------------------------------------------------------------------------------
 
-def embedded_split(path: Path, cache_dir: str) -> bool:
-    """Whether `path` is a split (train/ or val/) of an embedded dataset under `cache_dir`."""
-    if not cache_dir:
-        return False
-    cache = Path(os.path.expanduser(cache_dir)).resolve()
-    path = path.resolve()
-    return (path.name in ("train", "val") and path.parent.parent == cache and path.parent.name.startswith("shapes-")
-            and (path.parent / ".complete").exists())
-
-
 def beton_for(root, data_cfg) -> Path:
     """The .beton that data.loader=ffcv reads for `root`: `root` itself when it is a file; for a
     split of the embedded dataset, its conversion next to it in the cache (made on first use)."""
@@ -412,7 +403,7 @@ def beton_for(root, data_cfg) -> Path:
         return path
     if path.suffix == ".beton" or not path.exists():
         raise FileNotFoundError(f"FFCV dataset not found: {path}")
-    if path.is_dir() and embedded_split(path, data_cfg.cache_dir):
+    if path.is_dir() and is_embedded_split(path, data_cfg.cache_dir):
         beton = path.with_suffix(".beton")
         if not beton.is_file():
             # raw pixels: lossless (the pixels the folder loaders decode), and the images are tiny
