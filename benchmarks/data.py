@@ -11,7 +11,8 @@ and FFCV), and its CPU use is measured over the timed batches (CPU seconds of th
 its worker processes / wall seconds = the cores it kept busy). `dali-per_view` is DALI with
 `data.dali_decode=per_view` (ROI decoding per view). `ffcv` reads a .beton converted from the
 same folder first (`--max-side`, default 512, `--write-mode`, default jpg, `--compress-probability`
-for `proportion`; JPEG quality 90; the conversion is timed apart).
+for `proportion`; JPEG quality 90; the conversion is timed apart), and its per-image costs are
+broken down on one thread (`ffcv_costs`): the JPEG decode against the two crops' resizes.
 A JSON record is appended to benchmarks/results/data_<device>.json.
 """
 import argparse
@@ -90,6 +91,50 @@ def to_beton(folder: Path, work: Path, args) -> (Path, float):
     return out, time.perf_counter() - start
 
 
+def ffcv_costs(beton: Path, size: int, repeats: int = 3) -> dict:
+    """Milliseconds per image, on one thread, of the two steps of the ffcv loader's decoder over the
+    .beton's JPEGs: libjpeg-turbo's decode, and the two views' random resized crops with FFCV's
+    resize_crop (OpenCV INTER_AREA, what the loader uses); next to the same crops with OpenCV's
+    INTER_LINEAR (no antialiasing), the cost a cheaper resize would have."""
+    import cv2
+    import numpy as np
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.reader import Reader
+
+    from fastssl.data.ffcv_loader import crop_box, epoch_key
+
+    reader, data = Reader(str(beton)), np.fromfile(beton, np.uint8)
+    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+    images = [(int(m["height"]), int(m["width"]), int(m["data_ptr"])) for m in reader.metadata["f0"] if m["mode"] == IMAGE_MODES["jpg"]]
+    if not images:                  # raw pixels only: nothing is decoded
+        return {}
+    out, seconds, threads = np.empty((size, size, 3), np.uint8), {"decode": 0.0, "area": 0.0, "linear": 0.0}, \
+        cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        for epoch in range(repeats):
+            key = epoch_key(0, epoch)
+            for index, (h, w, ptr) in enumerate(images):
+                image = np.empty((h, w, 3), np.uint8)
+                t = time.perf_counter()
+                imdecode(data[ptr:ptr + sizes[ptr]], image, h, w, h, w, 0, 0, 1, 1, False, False)
+                seconds["decode"] += time.perf_counter() - t
+                for view in range(2):
+                    top, bottom, left, right = crop_box(key, index, view, h, w, 0.08, 1.0, np.log(3 / 4), np.log(4 / 3))
+                    t = time.perf_counter()
+                    resize_crop(image, top, bottom, left, right, out)
+                    seconds["area"] += time.perf_counter() - t
+                    t = time.perf_counter()
+                    cv2.resize(image[top:bottom, left:right], (size, size), dst=out, interpolation=cv2.INTER_LINEAR)
+                    seconds["linear"] += time.perf_counter() - t
+    finally:
+        cv2.setNumThreads(threads)
+    n = repeats * len(images)
+    return {"decode_ms": 1e3 * seconds["decode"] / n, "two_crops_area_ms": 1e3 * seconds["area"] / n,
+            "two_crops_linear_ms": 1e3 * seconds["linear"] / n, "images": len(images)}
+
+
 def time_loader(loader, batches: int, warmup: int, device: torch.device) -> dict:
     """Images/s and busy cores over `batches` batches after `warmup`, cycling epochs."""
     def stream():
@@ -159,7 +204,12 @@ def main(argv=None) -> int:
             if kind == "ffcv":
                 root, seconds = to_beton(folder, work, args)
                 extra = {"convert_seconds": seconds, "beton_mb": root.stat().st_size / 2**20,
-                         "max_side": args.max_side, "write_mode": args.write_mode}
+                         "max_side": args.max_side, "write_mode": args.write_mode,
+                         "one_thread_costs": ffcv_costs(root, args.size)}
+                c = extra["one_thread_costs"]
+                if c:
+                    print(f"ffcv, per image on one thread: decode {c['decode_ms']:.2f} ms, two crops "
+                          f"{c['two_crops_area_ms']:.2f} ms (INTER_AREA; {c['two_crops_linear_ms']:.2f} ms INTER_LINEAR)")
             loader = build_loader(data_cfg, str(root), size=args.size, batch_size=args.batch, device=device)
             results[name] = {**time_loader(loader, args.batches, args.warmup, device), **extra}
             del loader
