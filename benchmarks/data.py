@@ -106,11 +106,13 @@ def ffcv_costs(beton: Path, size: int, repeats: int = 3) -> dict:
 
     reader, data = Reader(str(beton)), np.fromfile(beton, np.uint8)
     sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
-    images = [(int(m["height"]), int(m["width"]), int(m["data_ptr"])) for m in reader.metadata["f0"] if m["mode"] == IMAGE_MODES["jpg"]]
+    images = [(int(m["height"]), int(m["width"]), int(m["data_ptr"])) for m in reader.metadata["f0"]
+              if m["mode"] == IMAGE_MODES["jpg"]]
     if not images:                  # raw pixels only: nothing is decoded
         return {}
-    out, seconds, threads = np.empty((size, size, 3), np.uint8), {"decode": 0.0, "area": 0.0, "linear": 0.0}, \
-        cv2.getNumThreads()
+    out = np.empty((size, size, 3), np.uint8)
+    seconds = {"decode": 0.0, "area": 0.0, "linear": 0.0}
+    threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
         for epoch in range(repeats):
@@ -121,7 +123,8 @@ def ffcv_costs(beton: Path, size: int, repeats: int = 3) -> dict:
                 imdecode(data[ptr:ptr + sizes[ptr]], image, h, w, h, w, 0, 0, 1, 1, False, False)
                 seconds["decode"] += time.perf_counter() - t
                 for view in range(2):
-                    top, bottom, left, right = crop_box(key, index, view, h, w, 0.08, 1.0, np.log(3 / 4), np.log(4 / 3))
+                    top, bottom, left, right = crop_box(key, index, view, h, w, 0.08, 1.0,
+                                                        np.log(3 / 4), np.log(4 / 3))
                     t = time.perf_counter()
                     resize_crop(image, top, bottom, left, right, out)
                     seconds["area"] += time.perf_counter() - t
