@@ -212,7 +212,8 @@ def main(argv=None) -> int:
                 c = extra["one_thread_costs"]
                 if c:
                     print(f"ffcv, per image on one thread: decode {c['decode_ms']:.2f} ms, two crops "
-                          f"{c['two_crops_area_ms']:.2f} ms (INTER_AREA; {c['two_crops_linear_ms']:.2f} ms INTER_LINEAR)")
+                          f"{c['two_crops_area_ms']:.2f} ms (INTER_AREA; "
+                          f"{c['two_crops_linear_ms']:.2f} ms INTER_LINEAR)")
             loader = build_loader(data_cfg, str(root), size=args.size, batch_size=args.batch, device=device)
             results[name] = {**time_loader(loader, args.batches, args.warmup, device), **extra}
             del loader
