@@ -4,9 +4,10 @@ numba-compiled pipeline in threads, with the batches, order and interface of eve
 One decode, every view. FFCV 1.0.2 gives each pipeline one field and decodes it there, so two
 views as two pipelines would decode every JPEG twice (or store it twice). `MultiViewDecoder`
 decodes an image once into a scratch buffer (a raw image is read in place) and cuts every view's
-random resized crop from it with `resize_antialiased` (antialiased bilinear, as PIL and torch's
-`antialias=True` resize; 1.6x faster than FFCV's `resize_crop`, OpenCV INTER_AREA, which took
-two-thirds of an image's decoder time at 512 px). Views may differ in
+random resized crop from it with `resize_antialiased`: the antialiased bilinear filter of PIL and of
+torch's `antialias=True` (the pil and torch loaders' resize), faster than FFCV's `resize_crop`
+(OpenCV INTER_AREA), which took two-thirds of an image's decoder time at 512 px (the per-image
+breakdown of benchmarks/data.py times both). Views may differ in
 size (multi-crop), so a sample's output is one flat uint8 buffer holding the views back to back,
 each S_v x S_v x 3; after the transfer to the device it is split into (N, 3, S_v, S_v) tensors.
 
@@ -173,8 +174,7 @@ def triangle_weights(n_in, n_out):
 def resize_antialiased(image, top, bottom, left, right, out):
     """out (S, S', 3 uint8) <- the box [top:bottom, left:right] of image (H, W, 3 uint8), resized by
     the antialiased bilinear filter of `triangle_weights`. Both passes are row sums that vectorise:
-    the vertical pass over the box's rows, then the horizontal one over the transposed columns
-    (1.6x faster than OpenCV's INTER_AREA on these crops, benchmarks/data.py)."""
+    the vertical pass over the box's rows, then the horizontal one over the transposed columns."""
     h, w = bottom - top, right - left
     oh, ow = out.shape[0], out.shape[1]
     ys, yw = triangle_weights(h, oh)
@@ -182,7 +182,7 @@ def resize_antialiased(image, top, bottom, left, right, out):
     rows = np.zeros((oh, w * 3), np.float32)
     for y in range(oh):
         for k in range(min(yw.shape[1], h - ys[y])):
-            src = image[top + ys[y] + k, left:right].reshape(-1)
+            src = image[top + ys[y] + k].reshape(-1)[3 * left:3 * right]     # contiguous: the loop vectorises
             weight = yw[y, k]
             for j in range(w * 3):
                 rows[y, j] += weight * src[j]
