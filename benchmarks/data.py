@@ -93,16 +93,17 @@ def to_beton(folder: Path, work: Path, args) -> (Path, float):
 
 def ffcv_costs(beton: Path, size: int, repeats: int = 3) -> dict:
     """Milliseconds per image, on one thread, of the two steps of the ffcv loader's decoder over the
-    .beton's JPEGs: libjpeg-turbo's decode, and the two views' random resized crops with the
-    loader's resize_antialiased; next to the same crops with FFCV's resize_crop (OpenCV
-    INTER_AREA, antialiased too) and OpenCV's INTER_LINEAR (not antialiased)."""
+    .beton's JPEGs: libjpeg-turbo's decode, and the two views' random resized crops as the loader
+    resizes them (resize_antialiased where a crop shrinks, FFCV's resize_crop where it is only
+    enlarged); next to the same crops all with resize_crop (OpenCV INTER_AREA, antialiased too) and
+    all with OpenCV's INTER_LINEAR (not antialiased)."""
     import cv2
     import numpy as np
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.reader import Reader
 
-    from fastssl.data.ffcv_loader import crop_box, epoch_key, resize_antialiased
+    from fastssl.data.ffcv_loader import crop_box, epoch_key, resize_antialiased, shrinks
 
     reader, data = Reader(str(beton)), np.fromfile(beton, np.uint8)
     sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
@@ -127,7 +128,10 @@ def ffcv_costs(beton: Path, size: int, repeats: int = 3) -> dict:
                     top, bottom, left, right = crop_box(key, index, view, h, w, 0.08, 1.0,
                                                         np.log(3 / 4), np.log(4 / 3))
                     t = time.perf_counter()
-                    resize_antialiased(image, top, bottom, left, right, out)
+                    if shrinks(top, bottom, left, right, size):
+                        resize_antialiased(image, top, bottom, left, right, out)
+                    else:
+                        resize_crop(image, top, bottom, left, right, out)
                     seconds["ours"] += time.perf_counter() - t
                     t = time.perf_counter()
                     resize_crop(image, top, bottom, left, right, out)

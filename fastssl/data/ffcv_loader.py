@@ -4,10 +4,12 @@ numba-compiled pipeline in threads, with the batches, order and interface of eve
 One decode, every view. FFCV 1.0.2 gives each pipeline one field and decodes it there, so two
 views as two pipelines would decode every JPEG twice (or store it twice). `MultiViewDecoder`
 decodes an image once into a scratch buffer (a raw image is read in place) and cuts every view's
-random resized crop from it with `resize_antialiased`: the antialiased bilinear filter of PIL and of
-torch's `antialias=True` (the pil and torch loaders' resize), faster than FFCV's `resize_crop`
-(OpenCV INTER_AREA), which took two-thirds of an image's decoder time at 512 px (the per-image
-breakdown of benchmarks/data.py times both). Views may differ in
+random resized crop from it. A crop that is shrunk goes through `resize_antialiased`: the
+antialiased bilinear filter of PIL and of torch's `antialias=True` (the pil and torch loaders'
+resize), faster there than FFCV's `resize_crop` (OpenCV INTER_AREA), which took two-thirds of an
+image's decoder time at 512 px (the per-image breakdown of benchmarks/data.py times both). A crop
+that is only enlarged, where there is nothing to antialias, keeps `resize_crop`, faster there
+(OpenCV's bilinear path). Views may differ in
 size (multi-crop), so a sample's output is one flat uint8 buffer holding the views back to back,
 each S_v x S_v x 3; after the transfer to the device it is split into (N, 3, S_v, S_v) tensors.
 
@@ -54,7 +56,7 @@ import torch
 from fastssl.data.convert import convert, read_sidecar  # noqa: I001
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder
-from ffcv.libffcv import imdecode
+from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader
 from ffcv.loader.epoch_iterator import IS_CUDA
 from ffcv.memory_managers.os_cache import OSCacheManager
@@ -170,6 +172,13 @@ def triangle_weights(n_in, n_out):
     return starts, weights
 
 
+@numba.njit(nogil=True)
+def shrinks(top, bottom, left, right, size):
+    """Whether the box is shrunk along either side to become a size x size view (the decoder then
+    uses resize_antialiased; a box only enlarged goes through FFCV's resize_crop)."""
+    return bottom - top > size or right - left > size
+
+
 @numba.njit(nogil=True, fastmath=True)
 def resize_antialiased(image, top, bottom, left, right, out):
     """out (S, S', 3 uint8) <- the box [top:bottom, left:right] of image (H, W, 3 uint8), resized by
@@ -206,8 +215,8 @@ def epoch_key(seed: int, epoch: int) -> np.uint64:
     return np.uint64(mix64(key ^ np.uint64(epoch % 2**64)))
 
 
-# FFCV's C decoder, compiled once per process (FFCV's decoders compile it again for each loader).
-IMDECODE = Compiler.compile(imdecode)
+# FFCV's C helpers, compiled once per process (FFCV's decoders compile them again for each loader).
+IMDECODE, RESIZE_CROP = Compiler.compile(imdecode), Compiler.compile(resize_crop)
 
 
 class MultiViewDecoder(Operation):
@@ -246,7 +255,7 @@ class MultiViewDecoder(Operation):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        imdecode_c = IMDECODE
+        imdecode_c, resize_crop_c = IMDECODE, RESIZE_CROP
         key_address = np.uint64(self.key_cell.ctypes.data)     # self.key_cell lives as long as the loader
         sizes, offsets, ranges = self.sizes, self.offsets, self.ranges
         views = len(sizes)
@@ -269,7 +278,10 @@ class MultiViewDecoder(Operation):
                     top, bottom, left, right = crop_box(key, index, v, height, width, ranges[v, 0],
                                                         ranges[v, 1], ranges[v, 2], ranges[v, 3])
                     out = destination[i, offsets[v]:offsets[v + 1]].reshape(sizes[v], sizes[v], 3)
-                    resize_antialiased(image, top, bottom, left, right, out)
+                    if shrinks(top, bottom, left, right, sizes[v]):
+                        resize_antialiased(image, top, bottom, left, right, out)
+                    else:                          # only enlarged: nothing to antialias
+                        resize_crop_c(image, top, bottom, left, right, out)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
