@@ -198,7 +198,7 @@ def resize_antialiased(image, top, bottom, left, right, out):
     columns = np.ascontiguousarray(rows.reshape(oh, w, 3).transpose(1, 0, 2)).reshape(w, oh * 3)
     acc = np.empty(oh * 3, np.float32)
     for x in range(ow):
-        acc[:] = 0.5                                   # rounds to nearest below
+        acc[:] = 0.5                          # + 0.5: the uint8 cast below truncates, so this rounds
         for k in range(min(xw.shape[1], w - xs[x])):
             src = columns[xs[x] + k]
             weight = xw[x, k]
