@@ -67,7 +67,6 @@ def epoch(loader, e, start_batch=0, order=None):
 # ---------------------------------------------------------------------------------------------
 # fastssl convert
 
-
 def test_convert_writes_the_beton_and_its_sidecar(train_beton, tiny_split):
     out, report = train_beton
     assert files_in(out.parent) == ["train.beton", "train.beton.json"]        # no temporary file left
