@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU suite. Run from anywhere: bash benchmarks/gpu_suite.sh [python] [stage ...]
-# Stages: loss augment train data methods pretext clustering (default: all, in that order).
+# Stages: loss augment train data e2e methods pretext clustering (default: all, in that order).
 # Leaves JSON under benchmarks/results/ and logs under $LOGS (default benchmarks/results/logs/).
 # Environment: SAMPLE (default ../shared/data/imagenet-sample), PYTEST_ARGS (e.g. "-n 8" where
 # pytest-xdist is installed), LOSS_ARGS (the loss benchmark's sweep, default the full one).
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY="${1:-${PYTHON:-python}}"
 shift || true
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(loss augment train data methods pretext clustering)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(loss augment train data e2e methods pretext clustering)
 LOGS="${LOGS:-benchmarks/results/logs}"
 SAMPLE="${SAMPLE:-../shared/data/imagenet-sample}"
 PYTEST_ARGS="${PYTEST_ARGS:-}"
@@ -103,8 +103,6 @@ stage_train() {
         | tee "$LOGS/optim_compare_gpu.log"
     # 3. every stage of the demo pipeline on the GPU.
     "$PY" benchmarks/throughput.py --steps 20 --warmup 3 train.device=cuda 2>&1 | tee "$LOGS/throughput_demo_gpu.log"
-    # 4. SimCLR ResNet-50 on real photos, fed by the PIL DataLoader (16 workers).
-    if [ -d "$SAMPLE" ]; then simclr_resnet50_run pil; fi
 }
 
 # ------------------------------------------------ stage: input pipeline (torch decode, DALI, FFCV)
@@ -122,8 +120,17 @@ stage_data() {
 print(','.join(['pil', 'torch'] + (['dali', 'dali-per_view'] if d else []) + (['ffcv'] if u.find_spec('ffcv') else [])))")
     "$PY" benchmarks/throughput.py --stage data --loader "$loaders" --data "$SAMPLE" --batch 256 --batches 30 \
         --warmup 5 train.device=cuda 2>&1 | tee "$LOGS/data_gpu.log"
-    # 3. does a SimCLR ResNet-50 step wait for DALI? The same end-to-end run as the train stage's.
-    if [ -d "$SAMPLE" ] && [[ "$loaders" == *dali* ]]; then simclr_resnet50_run dali; fi
+}
+
+# ------------------------------------- stage: end to end (does a SimCLR ResNet-50 step wait for data?)
+stage_e2e() {
+    if [ ! -d "$SAMPLE" ]; then
+        echo "gpu_suite.sh: stage e2e needs the sample ($SAMPLE)" >&2
+        return
+    fi
+    # The PIL DataLoader (16 workers), then DALI when installed, on the same machine in one go.
+    simclr_resnet50_run pil
+    if "$PY" -c "import nvidia.dali" 2>/dev/null; then simclr_resnet50_run dali; fi
 }
 
 # ------------------------------------------------------------- stage: methods (same data, same budget)
@@ -168,7 +175,7 @@ PYEOF
 
 for stage in "${STAGES[@]}"; do
     case $stage in
-        loss|augment|train|data|methods|pretext|clustering) "stage_$stage" ;;
-        *) echo "gpu_suite.sh: unknown stage '$stage' (loss augment train data methods pretext clustering)" >&2; exit 2 ;;
+        loss|augment|train|data|e2e|methods|pretext|clustering) "stage_$stage" ;;
+        *) echo "gpu_suite.sh: unknown stage '$stage' (loss augment train data e2e methods pretext clustering)" >&2; exit 2 ;;
     esac
 done
