@@ -1,12 +1,10 @@
 """fastssl: fast self-supervised learning for vision (SimCLR and friends)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
-# The Triton/CUDA kernels live in the top-level ``kernels/`` folder but are installed as
-# ``fastssl.kernels``: a top-level ``kernels`` import would clash with an unrelated PyPI package.
-PACKAGES = [
-    "fastssl", "fastssl.augment", "fastssl.data", "fastssl.eval", "fastssl.losses",
-    "fastssl.methods", "fastssl.models", "fastssl.optim", "fastssl.train", "fastssl.kernels",
-]
+# The Triton/CUDA kernels live in the top-level ``kernels/`` folder and are imported as
+# ``fastssl.kernels`` (a top-level ``kernels`` import would clash with an unrelated PyPI package)
+# through the link fastssl/kernels -> ../kernels, so that a checkout runs without installing it.
+PACKAGES = find_packages(include=["fastssl", "fastssl.*"])
 
 setup(
     name="fastssl",
@@ -16,7 +14,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=PACKAGES,
-    package_dir={"fastssl.kernels": "kernels"},
     # Lower bounds only: an installed torch that is recent enough is kept, never reinstalled.
     install_requires=[
         "torch>=2.1",
