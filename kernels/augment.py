@@ -20,8 +20,9 @@ Passes (each reads its input once; no full-size float copy for samples without b
    vertical pass finishes with solarise + normalise + the store.
 
 All arithmetic is fp32; only the final store rounds to the output dtype. Divisions use
-``tl.math.div_rn`` (IEEE round-to-nearest, as torch) so that e.g. uint8 / 255 and the
-normalisation reproduce the reference's values exactly where no resampling is involved.
+``tl.math.div_rn`` (IEEE round-to-nearest, as torch on the CPU) so that e.g. uint8 / 255 and the
+normalisation reproduce the reference's values exactly where no resampling is involved (torch on
+CUDA multiplies by the reciprocal of a scalar divisor instead: it may differ by one ulp).
 """
 import os
 

@@ -124,8 +124,9 @@ def test_gpu_decoding_matches_the_cpu(train_dir, decode):
         assert labels_g.is_cuda and torch.equal(labels_g.cpu(), labels_c) and torch.equal(indices_g.cpu(), indices_c)
         for g, c in zip(views_g, views_c):
             assert g.is_cuda and g.dtype == torch.uint8 and g.shape == c.shape
-            # nvJPEG upsamples chroma without libjpeg's "fancy" smoothing: small differences.
-            assert mean_abs_diff(g.cpu(), c) < 3.0
+            # nvJPEG and libjpeg-turbo differ in IDCT and chroma upsampling: 5.1 levels on average
+            # on an H100 with these small images; a view shifted by one pixel differs by 9.7 to 12.
+            assert mean_abs_diff(g.cpu(), c) < 7.5
 
 
 def test_other_formats_decode_as_pil_reads_them(tmp_path):

@@ -304,8 +304,10 @@ def test_gpu_decoding_matches_the_cpu(kind, tiny):
     (cpu_views, cpu_labels, cpu_indices), (gpu_views, gpu_labels, gpu_indices) = got["cpu"], got["cuda"]
     assert all(v.device.type == "cuda" for v in gpu_views) and gpu_labels.device.type == "cuda"
     assert torch.equal(cpu_indices, gpu_indices.cpu()) and torch.equal(cpu_labels, gpu_labels.cpu())
-    for a, b in zip(cpu_views, gpu_views):       # nvJPEG and libjpeg-turbo differ by IDCT rounding only
-        assert (a.float() - b.cpu().float()).abs().mean() < 3
+    # nvJPEG and libjpeg-turbo differ in IDCT and chroma upsampling: 4.2 levels on average on an
+    # H100 with these small images; a view shifted by one pixel differs by 10.7, swapped channels by 57.
+    for a, b in zip(cpu_views, gpu_views):
+        assert (a.float() - b.cpu().float()).abs().mean() < 7.5
 
 
 @pytest.mark.parametrize("kind", FOLDER_KINDS)
