@@ -311,6 +311,32 @@ def test_gpu_decoding_matches_the_cpu(kind, tiny):
 
 
 @pytest.mark.parametrize("kind", FOLDER_KINDS)
+def test_workers_started_by_a_forkserver_give_the_same_batches(kind, tiny, monkeypatch):
+    """Feeding a GPU, the workers start from a clean server process instead of a fork of a
+    process that holds CUDA state (imagefolder.worker_start_method); checked here on the CPU,
+    where they would be forked, by asking for the server."""
+    from fastssl.data import imagefolder
+    assert imagefolder.worker_start_method(torch.device("cuda")) == "forkserver"
+    assert imagefolder.worker_start_method(torch.device("cpu")) is None
+    train, _ = tiny
+
+    def first_epoch():
+        cfg = data_config(kind, workers=2)
+        load = build_loader(cfg, str(train), size=12, batch_size=32, seed=3)
+        load.set_epoch(0)
+        return load.loader.multiprocessing_context, list(load)
+
+    forked_with, forked = first_epoch()
+    monkeypatch.setattr(imagefolder, "worker_start_method", lambda device: "forkserver")
+    served_with, served = first_epoch()
+    assert forked_with is None and served_with.get_start_method() == "forkserver"
+    assert len(served) == len(forked) == 5
+    for (views_s, labels_s, indices_s), (views_f, labels_f, indices_f) in zip(served, forked):
+        assert torch.equal(indices_s, indices_f) and torch.equal(labels_s, labels_f)
+        assert all(torch.equal(a, b) for a, b in zip(views_s, views_f))
+
+
+@pytest.mark.parametrize("kind", FOLDER_KINDS)
 def test_training_lists_skipped_files_in_the_run_directory(kind, tiny, tiny_config, tmp_path):
     import json
     import shutil

@@ -87,6 +87,15 @@ def to_uint8_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
+def worker_start_method(device: torch.device) -> Optional[str]:
+    """How the loaders start their worker processes: forked (the default, cheapest) when they
+    feed the CPU, from a clean server process ("forkserver") when they feed a GPU. A child forked
+    from a process holding CUDA state may touch it and abort: on an H100 the evaluation loader's
+    forked workers died of DALI's cudaErrorInitializationError while the training loader's DALI
+    pipeline was alive. The price: each worker receives the dataset pickled, once per loader."""
+    return "forkserver" if device.type == "cuda" else None
+
+
 class ViewCrop(NamedTuple):
     """The random crop of one view: output side in pixels, area-fraction and aspect-ratio ranges."""
     size: int
@@ -223,6 +232,7 @@ class ImageFolderLoader:
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, shuffle=False, drop_last=train,
             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            multiprocessing_context=worker_start_method(self.device) if workers > 0 else None,
             collate_fn=collate)
 
     def dataset(self, on_bad_image: str):
