@@ -5,7 +5,8 @@
 
 Every loader yields two RandomResizedCrop views (scale 0.08-1) of `--size` px per image, on the
 training device (`train.device`, auto: the GPU when there is one), from `--data` (default
-../shared/data/imagenet-sample, 200 ImageNet JPEGs, cycled epoch after epoch). Each loader uses
+../shared/data/imagenet-sample, 200 ImageNet JPEGs, linked as often as one epoch needs to hold
+every timed batch: `image_folder`). Each loader uses
 every CPU core (`--workers`, default all: worker processes for pil and torch, threads for DALI
 and FFCV), and its CPU use is measured over the timed batches (CPU seconds of the process and
 its worker processes / wall seconds = the cores it kept busy). `dali-per_view` is DALI with
@@ -68,16 +69,28 @@ def cpu_seconds(pid: int = None) -> float:
     return total
 
 
-def image_folder(src: Path, work: Path) -> Path:
-    """`src` as an ImageFolder: itself when it has class folders, else one class of symlinks."""
-    if any(p.is_dir() for p in src.iterdir()):
-        return src
-    folder = work / "folder" / "images"
-    folder.mkdir(parents=True)
-    for f in sorted(src.iterdir()):
-        if f.is_file():
-            (folder / f.name).symlink_to(f.resolve())
-    return folder.parent
+def image_folder(src: Path, work: Path, min_images: int) -> (Path, int):
+    """(an ImageFolder of `src`'s images whose epoch holds at least `min_images`, the number of
+    distinct images). A folder of class folders that is large enough is used as it is; otherwise
+    its images (or a flat folder's, as one class) are linked as many times as needed, so that the
+    timed batches never cross an epoch boundary, where a loader pauses (a rare event in training,
+    which an epoch of a few batches would make frequent: on the GPU machine, batch 128 from the
+    200-image sample gave one batch per epoch, and the PIL baseline kept one worker busy)."""
+    classes = [p for p in sorted(src.iterdir()) if p.is_dir()] or [src]
+    files = {c: [f for f in sorted(c.iterdir()) if f.is_file()] for c in classes}
+    distinct = sum(len(f) for f in files.values())
+    if distinct == 0:
+        raise SystemExit(f"--data {src}: no image files")
+    copies = -(-min_images // distinct)
+    if copies == 1 and classes != [src]:
+        return src, distinct
+    for c, class_files in files.items():
+        folder = work / "folder" / (c.name if c != src else "images")
+        folder.mkdir(parents=True)
+        for copy in range(copies):
+            for f in class_files:
+                (folder / f"{copy}_{f.name}").symlink_to(f.resolve())
+    return work / "folder", distinct
 
 
 def to_beton(folder: Path, work: Path, args) -> (Path, float):
@@ -91,11 +104,11 @@ def to_beton(folder: Path, work: Path, args) -> (Path, float):
     return out, time.perf_counter() - start
 
 
-def ffcv_costs(beton: Path, size: int, repeats: int = 3) -> dict:
+def ffcv_costs(beton: Path, size: int, distinct: int, repeats: int = 3) -> dict:
     """Milliseconds per image, on one thread, of the two steps of the ffcv loader's decoder over the
-    .beton's JPEGs: libjpeg-turbo's decode, and the two views' random resized crops as the loader
-    resizes them (resize_antialiased where a crop shrinks, FFCV's resize_crop where it is only
-    enlarged); next to the same crops all with resize_crop (OpenCV INTER_AREA, antialiased too) and
+    .beton's first `distinct` JPEGs (the linked copies left out): libjpeg-turbo's decode, and the
+    two views' random resized crops as the loader resizes them (resize_antialiased where a crop
+    shrinks, FFCV's resize_crop where it is only enlarged); next to the same crops all with resize_crop (OpenCV INTER_AREA, antialiased too) and
     all with OpenCV's INTER_LINEAR (not antialiased)."""
     import cv2
     import numpy as np
@@ -107,7 +120,7 @@ def ffcv_costs(beton: Path, size: int, repeats: int = 3) -> dict:
 
     reader, data = Reader(str(beton)), np.fromfile(beton, np.uint8)
     sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
-    images = [(int(m["height"]), int(m["width"]), int(m["data_ptr"])) for m in reader.metadata["f0"]
+    images = [(int(m["height"]), int(m["width"]), int(m["data_ptr"])) for m in reader.metadata["f0"][:distinct]
               if m["mode"] == IMAGE_MODES["jpg"]]
     if not images:                  # raw pixels only: nothing is decoded
         return {}
@@ -206,7 +219,7 @@ def main(argv=None) -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        folder = image_folder(src, work)
+        folder, distinct = image_folder(src, work, args.batch * (args.warmup + args.batches))
         for name in names:
             kind, _, decode = name.partition("-")
             data_cfg = SimpleNamespace(loader=kind, workers=args.workers, on_bad_image="error",
@@ -217,7 +230,7 @@ def main(argv=None) -> int:
                 root, seconds = to_beton(folder, work, args)
                 extra = {"convert_seconds": seconds, "beton_mb": root.stat().st_size / 2**20,
                          "max_side": args.max_side, "write_mode": args.write_mode,
-                         "one_thread_costs": ffcv_costs(root, args.size)}
+                         "one_thread_costs": ffcv_costs(root, args.size, distinct)}
                 c = extra["one_thread_costs"]
                 if c:
                     print(f"ffcv, per image on one thread: decode {c['decode_ms']:.2f} ms, two crops "

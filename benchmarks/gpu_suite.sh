@@ -16,6 +16,7 @@ PYTEST_ARGS="${PYTEST_ARGS:-}"
 LOSS_ARGS="${LOSS_ARGS:---sizes 1024 2048 4096 8192 16384 32768 65536 131072 262144 --dims 128 256 --dtypes bfloat16 float32}"
 mkdir -p "$LOGS"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_suite.sh needs a CUDA GPU')"
+"$PY" -c "import fastssl.kernels.info_nce" || { echo "gpu_suite.sh: fastssl.kernels does not import" >&2; exit 1; }
 "$PY" - <<'PYEOF'
 import torch; print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 PYEOF
@@ -28,12 +29,14 @@ gpu_pytest() {
     env -u TRITON_INTERPRET "$PY" -m pytest "$@" -q -rs $PYTEST_ARGS 2>&1 | tee "$LOGS/$log" || true
 }
 
-# The SimCLR ResNet-50 end-to-end runs read the sample cycled 8 times (1,600 JPEGs).
+# The SimCLR ResNet-50 end-to-end runs read the sample linked 40 times (8,000 JPEGs): one epoch
+# holds every timed batch of 256 (the data and train stages take 13 each), so no epoch boundary,
+# where the loaders pause, falls among them.
 photos_folder() {
     local folder
     folder=$(mktemp -d)/train/photos
     mkdir -p "$folder"
-    for copy in 1 2 3 4 5 6 7 8; do
+    for copy in $(seq 40); do
         for f in "$SAMPLE"/*; do ln -s "$(realpath "$f")" "$folder/${copy}_$(basename "$f")"; done
     done
     dirname "$folder"

@@ -89,6 +89,10 @@ def make_loss(impl: str, temperature: float):
     if impl == "torch":
         return lambda a, b: nt_xent_reference(a, b, temperature)
     if impl == "torch_compile":
+        # The backward is timed alone by replaying one graph (retain_graph=True), which the
+        # compiled backward refuses while it donates its saved buffers.
+        import torch._functorch.config
+        torch._functorch.config.donated_buffer = False
         return torch.compile(lambda a, b: nt_xent_reference(a, b, temperature))
     if impl == "lightly":
         from lightly.loss import NTXentLoss

@@ -16,7 +16,8 @@ configured projector: ~28M parameters in 161 tensors) with the multi-tensor impl
 `--stage loss-backends -- [loss.py arguments]` runs the sweep of benchmarks/loss.py instead.
 `--stage data --loader NAMES` compares the loaders on real JPEGs instead (benchmarks/data.py:
 images/s and busy cores of each, next to the PIL DataLoader baseline, in the same run).
-Each stage is warmed up, then timed per step (median, p20, p80). A table is printed and a JSON
+Each stage is warmed up, then timed per step: images/s over the timed steps together (a stall
+counts in full), and the per-step median, p20 and p80. A table is printed and a JSON
 record (device, versions, git sha, config, command, numbers) is appended to
 benchmarks/results/throughput_<device>.json.
 """
@@ -70,9 +71,12 @@ def timed(fn, steps: int, warmup: int, device: torch.device):
 
 
 def summarise(times, images_per_call: int):
+    """images/s over the whole timed span (a step that waits for data counts in full: a median
+    would hide a loader that stalls every few steps), and the per-step median, p20 and p80."""
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    median = statistics.median(times)
-    return {"median_s": median, "p20_s": q[0], "p80_s": q[3], "images_per_s": images_per_call / median}
+    mean = statistics.fmean(times)
+    return {"mean_s": mean, "median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[3],
+            "images_per_s": images_per_call / mean}
 
 
 def run(cfg, stages, steps: int, warmup: int):
@@ -140,7 +144,7 @@ def run(cfg, stages, steps: int, warmup: int):
                 p.grad = torch.randn_like(p) * 1e-3
         results[name] = summarise(timed(fns[name], steps, warmup, device), n)
         print(f"  {name:8s} {results[name]['images_per_s']:10.1f} images/s  "
-              f"(median {1e3 * results[name]['median_s']:.1f} ms/batch of {n})", file=sys.stderr)
+              f"(mean {1e3 * results[name]['mean_s']:.1f} ms/batch of {n})", file=sys.stderr)
     if "train" in results and "train-premade" in results:
         # The input pipeline's efficiency: the full step against the same step on a resident batch.
         results["pipeline_efficiency"] = results["train"]["images_per_s"] / results["train-premade"]["images_per_s"]
@@ -238,11 +242,11 @@ def main(argv=None) -> int:
 
     print(f"\nthroughput on {loss_benchmark.device_slug(str(device))} (batch {cfg.train.batch_size}, {cfg.augment.size}px, "
           f"{cfg.model.backbone}, {cfg.train.precision})")
-    print(f"{'stage':10s}{'images/s':>12s}{'ms/batch':>12s}{'p20 ms':>10s}{'p80 ms':>10s}")
+    print(f"{'stage':10s}{'images/s':>12s}{'mean ms':>10s}{'median ms':>11s}{'p20 ms':>10s}{'p80 ms':>10s}")
     for name in stages:
         r = results[name]
-        print(f"{name:14s}{r['images_per_s']:12.1f}{1e3 * r['median_s']:12.1f}{1e3 * r['p20_s']:10.1f}"
-              f"{1e3 * r['p80_s']:10.1f}")
+        print(f"{name:14s}{r['images_per_s']:12.1f}{1e3 * r['mean_s']:10.1f}{1e3 * r['median_s']:11.1f}"
+              f"{1e3 * r['p20_s']:10.1f}{1e3 * r['p80_s']:10.1f}")
     if "pipeline_efficiency" in results:
         print(f"pipeline efficiency (train / train-premade): {100 * results['pipeline_efficiency']:.1f}%")
     if "model_flops_per_image" in results:
