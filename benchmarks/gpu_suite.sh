@@ -3,7 +3,8 @@
 # Stages: loss augment train data e2e methods pretext clustering (default: all, in that order).
 # Leaves JSON under benchmarks/results/ and logs under $LOGS (default benchmarks/results/logs/).
 # Environment: SAMPLE (default ../shared/data/imagenet-sample), PYTEST_ARGS (e.g. "-n 8" where
-# pytest-xdist is installed), LOSS_ARGS (the loss benchmark's sweep, default the full one).
+# pytest-xdist is installed), LOSS_ARGS (the loss benchmark's sweep, default the full one). On a
+# bare GPU machine, `source benchmarks/gpu_env.sh` first (benchmarks/gpu_carry.sh says how).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-${PYTHON:-python}}"
