@@ -179,34 +179,51 @@ def shrinks(top, bottom, left, right, size):
     return bottom - top > size or right - left > size
 
 
+# Output rows per strip of resize_antialiased: the strip's intermediate sums (32 rows of the box's
+# width in fp32, e.g. 196 KB for a 512-px box) stay in the L2 cache; 1.4x faster on one thread
+# than one pass over the whole view (benchmarks/data.py's per-image breakdown).
+STRIP_ROWS = 32
+
+
 @numba.njit(nogil=True, fastmath=True)
 def resize_antialiased(image, top, bottom, left, right, out):
     """out (S, S', 3 uint8) <- the box [top:bottom, left:right] of image (H, W, 3 uint8), resized by
-    the antialiased bilinear filter of `triangle_weights`. Both passes are row sums that vectorise:
-    the vertical pass over the box's rows, then the horizontal one over the transposed columns."""
+    the antialiased bilinear filter of `triangle_weights`, STRIP_ROWS output rows at a time. Both
+    passes are row sums that vectorise: the vertical pass over the box's rows, then the horizontal
+    one over the strip's transposed columns."""
     h, w = bottom - top, right - left
     oh, ow = out.shape[0], out.shape[1]
     ys, yw = triangle_weights(h, oh)
     xs, xw = triangle_weights(w, ow)
-    rows = np.zeros((oh, w * 3), np.float32)
-    for y in range(oh):
-        for k in range(min(yw.shape[1], h - ys[y])):
-            src = image[top + ys[y] + k].reshape(-1)[3 * left:3 * right]     # contiguous: the loop vectorises
-            weight = yw[y, k]
-            for j in range(w * 3):
-                rows[y, j] += weight * src[j]
-    columns = np.ascontiguousarray(rows.reshape(oh, w, 3).transpose(1, 0, 2)).reshape(w, oh * 3)
-    acc = np.empty(oh * 3, np.float32)
-    for x in range(ow):
-        acc[:] = 0.5                          # + 0.5: the uint8 cast below truncates, so this rounds
-        for k in range(min(xw.shape[1], w - xs[x])):
-            src = columns[xs[x] + k]
-            weight = xw[x, k]
-            for j in range(oh * 3):
-                acc[j] += weight * src[j]
-        for y in range(oh):
-            for c in range(3):
-                out[y, x, c] = np.uint8(min(max(acc[3 * y + c], np.float32(0.0)), np.float32(255.0)))
+    strip = min(STRIP_ROWS, oh)
+    rows = np.empty((strip, w * 3), np.float32)
+    columns = np.empty((w, strip * 3), np.float32)
+    acc = np.empty(strip * 3, np.float32)
+    for y0 in range(0, oh, strip):
+        n = min(strip, oh - y0)
+        for r in range(n):                    # vertical pass: output rows y0 .. y0 + n
+            y = y0 + r
+            row = rows[r]
+            row[:] = 0.0
+            for k in range(min(yw.shape[1], h - ys[y])):
+                src = image[top + ys[y] + k].reshape(-1)[3 * left:3 * right]     # contiguous: vectorises
+                weight = yw[y, k]
+                for j in range(w * 3):
+                    row[j] += weight * src[j]
+        for x in range(w):                    # transpose: one contiguous run of sums per column
+            for r in range(n):
+                for c in range(3):
+                    columns[x, 3 * r + c] = rows[r, 3 * x + c]
+        for x in range(ow):                   # horizontal pass
+            acc[:3 * n] = 0.5                 # + 0.5: the uint8 cast below truncates, so this rounds
+            for k in range(min(xw.shape[1], w - xs[x])):
+                src = columns[xs[x] + k]
+                weight = xw[x, k]
+                for j in range(3 * n):
+                    acc[j] += weight * src[j]
+            for r in range(n):
+                for c in range(3):
+                    out[y0 + r, x, c] = np.uint8(min(max(acc[3 * r + c], np.float32(0.0)), np.float32(255.0)))
 
 
 def epoch_key(seed: int, epoch: int) -> np.uint64:
