@@ -108,15 +108,16 @@ def ffcv_costs(beton: Path, size: int, distinct: int, repeats: int = 3) -> dict:
     """Milliseconds per image, on one thread, of the two steps of the ffcv loader's decoder over the
     .beton's first `distinct` JPEGs (the linked copies left out): libjpeg-turbo's decode, and the
     two views' random resized crops as the loader resizes them (resize_antialiased where a crop
-    shrinks, FFCV's resize_crop where it is only enlarged); next to the same crops all with resize_crop (OpenCV INTER_AREA, antialiased too) and
-    all with OpenCV's INTER_LINEAR (not antialiased)."""
+    shrinks, FFCV's resize_crop then to_planar where it is only enlarged), into planar views; next
+    to the same crops all with resize_crop (OpenCV INTER_AREA, antialiased too) and all with
+    OpenCV's INTER_LINEAR (not antialiased), left as OpenCV writes them (HWC)."""
     import cv2
     import numpy as np
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.reader import Reader
 
-    from fastssl.data.ffcv_loader import crop_box, epoch_key, resize_antialiased, shrinks
+    from fastssl.data.ffcv_loader import crop_box, epoch_key, resize_antialiased, shrinks, to_planar
 
     reader, data = Reader(str(beton)), np.fromfile(beton, np.uint8)
     sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
@@ -124,11 +125,12 @@ def ffcv_costs(beton: Path, size: int, distinct: int, repeats: int = 3) -> dict:
               if m["mode"] == IMAGE_MODES["jpg"]]
     if not images:                  # raw pixels only: nothing is decoded
         return {}
-    out = np.empty((size, size, 3), np.uint8)
+    out, planar = np.empty((size, size, 3), np.uint8), np.empty((3, size, size), np.uint8)
     seconds = {"decode": 0.0, "ours": 0.0, "area": 0.0, "linear": 0.0}
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
-    resize_antialiased(np.zeros((2, 2, 3), np.uint8), 0, 2, 0, 2, out)     # compiled here, not timed
+    resize_antialiased(np.zeros((2, 2, 3), np.uint8), 0, 2, 0, 2, planar)     # compiled here, not timed
+    to_planar(out, planar)
     try:
         for epoch in range(repeats):
             key = epoch_key(0, epoch)
@@ -142,9 +144,10 @@ def ffcv_costs(beton: Path, size: int, distinct: int, repeats: int = 3) -> dict:
                                                         np.log(3 / 4), np.log(4 / 3))
                     t = time.perf_counter()
                     if shrinks(top, bottom, left, right, size):
-                        resize_antialiased(image, top, bottom, left, right, out)
+                        resize_antialiased(image, top, bottom, left, right, planar)
                     else:
                         resize_crop(image, top, bottom, left, right, out)
+                        to_planar(out, planar)
                     seconds["ours"] += time.perf_counter() - t
                     t = time.perf_counter()
                     resize_crop(image, top, bottom, left, right, out)

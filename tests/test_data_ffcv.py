@@ -194,11 +194,11 @@ def test_resize_antialiased_matches_torch(box, size):
     """The views' resize is torch's antialiased bilinear resize of the box, to the rounding."""
     image = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
     top, bottom, left, right = box
-    out = np.empty((size, size, 3), np.uint8)
+    out = np.empty((3, size, size), np.uint8)                     # planar, as the loader's views
     resize_antialiased(image, top, bottom, left, right, out)
     crop = torch.from_numpy(image[top:bottom, left:right]).permute(2, 0, 1)[None].float()
     ref = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
-                                          align_corners=False)[0].permute(1, 2, 0).round().clamp(0, 255)
+                                          align_corners=False)[0].round().clamp(0, 255)
     assert np.abs(out.astype(np.float32) - ref.numpy()).max() <= 1.0
 
 
