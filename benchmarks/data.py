@@ -107,8 +107,8 @@ def to_beton(folder: Path, work: Path, args) -> (Path, float):
 def ffcv_costs(beton: Path, size: int, distinct: int, repeats: int = 3) -> dict:
     """Milliseconds per image, on one thread, of the two steps of the ffcv loader's decoder over the
     .beton's first `distinct` JPEGs (the linked copies left out): libjpeg-turbo's decode, and the
-    two views' random resized crops as the loader resizes them (resize_antialiased where a crop
-    shrinks, FFCV's resize_crop then to_planar where it is only enlarged), into planar views; next
+    two views' random resized crops as the loader resizes them (`resize_view`: resize_antialiased
+    where a crop shrinks, FFCV's resize_crop then to_planar where it is only enlarged); next
     to the same crops all with resize_crop (OpenCV INTER_AREA, antialiased too) and all with
     OpenCV's INTER_LINEAR (not antialiased), left as OpenCV writes them (HWC)."""
     import cv2
@@ -117,7 +117,7 @@ def ffcv_costs(beton: Path, size: int, distinct: int, repeats: int = 3) -> dict:
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.reader import Reader
 
-    from fastssl.data.ffcv_loader import crop_box, epoch_key, resize_antialiased, shrinks, to_planar
+    from fastssl.data.ffcv_loader import crop_box, epoch_key, resize_view
 
     reader, data = Reader(str(beton)), np.fromfile(beton, np.uint8)
     sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
@@ -129,8 +129,7 @@ def ffcv_costs(beton: Path, size: int, distinct: int, repeats: int = 3) -> dict:
     seconds = {"decode": 0.0, "ours": 0.0, "area": 0.0, "linear": 0.0}
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
-    resize_antialiased(np.zeros((2, 2, 3), np.uint8), 0, 2, 0, 2, planar)     # compiled here, not timed
-    to_planar(out, planar)
+    resize_view(np.zeros((2, 2, 3), np.uint8), 0, 2, 0, 2, out, planar)     # compiled here, not timed
     try:
         for epoch in range(repeats):
             key = epoch_key(0, epoch)
@@ -143,11 +142,7 @@ def ffcv_costs(beton: Path, size: int, distinct: int, repeats: int = 3) -> dict:
                     top, bottom, left, right = crop_box(key, index, view, h, w, 0.08, 1.0,
                                                         np.log(3 / 4), np.log(4 / 3))
                     t = time.perf_counter()
-                    if shrinks(top, bottom, left, right, size):
-                        resize_antialiased(image, top, bottom, left, right, planar)
-                    else:
-                        resize_crop(image, top, bottom, left, right, out)
-                        to_planar(out, planar)
+                    resize_view(image, top, bottom, left, right, out, planar)
                     seconds["ours"] += time.perf_counter() - t
                     t = time.perf_counter()
                     resize_crop(image, top, bottom, left, right, out)

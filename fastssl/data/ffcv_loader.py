@@ -173,13 +173,6 @@ def triangle_weights(n_in, n_out):
     return starts, weights
 
 
-@numba.njit(nogil=True)
-def shrinks(top, bottom, left, right, size):
-    """Whether the box is shrunk along either side to become a size x size view (the decoder then
-    uses resize_antialiased; a box only enlarged goes through FFCV's resize_crop)."""
-    return bottom - top > size or right - left > size
-
-
 # Output rows per strip of resize_antialiased: the strip's intermediate sums (32 rows of the box's
 # width in fp32, e.g. 196 KB for a 512-px box) stay in the L2 cache; 1.4x faster on one thread
 # than one pass over the whole view (benchmarks/data.py's per-image breakdown).
@@ -247,6 +240,21 @@ def epoch_key(seed: int, epoch: int) -> np.uint64:
 IMDECODE, RESIZE_CROP = Compiler.compile(imdecode), Compiler.compile(resize_crop)
 
 
+@numba.njit(nogil=True)
+def resize_view(image, top, bottom, left, right, hwc, out):
+    """out (3, S, S, planar) <- the box [top:bottom, left:right] of image (H, W, 3), as the decoder
+    resizes every view: a box shrunk along either side through resize_antialiased (the pil and
+    torch loaders' filter); a box only enlarged, where there is nothing to antialias, through FFCV's
+    resize_crop (OpenCV's bilinear path, faster there) into the scratch `hwc` (S, S, 3), then
+    to_planar."""
+    size = out.shape[1]
+    if bottom - top > size or right - left > size:
+        resize_antialiased(image, top, bottom, left, right, out)
+    else:
+        RESIZE_CROP(image, top, bottom, left, right, hwc)
+        to_planar(hwc, out)
+
+
 class MultiViewDecoder(Operation):
     """Decoder of an FFCV RGBImageField: every view's random resized crop from one decode.
 
@@ -286,7 +294,7 @@ class MultiViewDecoder(Operation):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        imdecode_c, resize_crop_c = IMDECODE, RESIZE_CROP
+        imdecode_c = IMDECODE
         key_address = np.uint64(self.key_cell.ctypes.data)     # self.key_cell lives as long as the loader
         sizes, offsets, ranges = self.sizes, self.offsets, self.ranges
         views = len(sizes)
@@ -309,12 +317,8 @@ class MultiViewDecoder(Operation):
                     top, bottom, left, right = crop_box(key, index, v, height, width, ranges[v, 0],
                                                         ranges[v, 1], ranges[v, 2], ranges[v, 3])
                     out = destination[i, offsets[v]:offsets[v + 1]].reshape(3, sizes[v], sizes[v])
-                    if shrinks(top, bottom, left, right, sizes[v]):
-                        resize_antialiased(image, top, bottom, left, right, out)
-                    else:                          # only enlarged: nothing to antialias
-                        hwc = enlarged[i, :3 * sizes[v] * sizes[v]].reshape(sizes[v], sizes[v], 3)
-                        resize_crop_c(image, top, bottom, left, right, hwc)
-                        to_planar(hwc, out)
+                    hwc = enlarged[i, :3 * sizes[v] * sizes[v]].reshape(sizes[v], sizes[v], 3)
+                    resize_view(image, top, bottom, left, right, hwc, out)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
