@@ -22,8 +22,13 @@ gu_i = dL/du_i = (1/t) sum_j dlogit_ij b_j c_j, the chain rule through u = r / |
 so the only extra state is one running scalar per row (and per column in the column kernel).
 
 Precision: inputs fp32/bf16/fp16, every accumulation fp32. For fp32 inputs tl.dot runs with
-input_precision="ieee": the default tf32 would round the inputs to 10 mantissa bits, an error
-(~1e-3 relative in each logit, times 1/t = 33 at t = 0.03) far above fp32 reference accuracy.
+input_precision="tf32x3": the default tf32 would round the inputs to 10 mantissa bits, an error
+(~1e-3 relative in each logit, times 1/t = 33 at t = 0.03) far above fp32 reference accuracy;
+"ieee" is exact but runs on the CUDA cores, where Triton's FMA dot spills registers (on an H100,
+2N = 4,096, D = 128: 138 ms forward + backward against eager PyTorch's 1.3 ms). tf32x3 splits
+each operand into a tf32 head and a tf32 tail and adds three tensor-core products (head x head,
+head x tail, tail x head); the dropped tail x tail term is ~2^-22 relative, and an emulation of
+it in PyTorch gives losses as close to float64 as fp32 matmuls do.
 In the backward the dlogit tile is cast to the input dtype for the tensor-core dot (as flash
 attention does); it is scaled into [-1, 1] first (g / max|g|, normalised cols) so fp16 does not
 underflow for huge R.
@@ -246,19 +251,20 @@ def _inv_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(1e-12).reciprocal()
 
 
-def _config(dim: int, dtype: torch.dtype, block_r, block_c, block_d):
+def _config(dim: int, dtype: torch.dtype, block_r=None, block_c=None, block_d=None) -> dict:
+    """The kernels' tile sizes, flags and warps for rows of `dim` features in `dtype` (also what
+    tests/test_losses.py compiles for sm_90 to count register spills)."""
     if block_d is None:
         block_d = max(16, min(triton.next_power_of_2(dim), 128 if dtype == torch.float32 else 256))
-    block_r = block_r or 64
-    block_c = block_c or 64
-    one_d = block_d >= dim
     # The interpreter's dot mishandles bf16 (stored as uint16); bf16 x bf16 products are exact in
     # fp32, so an fp32 dot of the upcast tile computes the same thing there.
     upcast = INTERPRETED and dtype == torch.bfloat16
-    # fp32 operands: exact fp32 products ("ieee", see the module docstring); bf16/fp16 operands:
-    # the default (None), the flag only concerns fp32 operands.
-    precision = "ieee" if (dtype == torch.float32 or upcast) else None
-    return block_r, block_c, block_d, one_d, upcast, precision
+    # fp32 operands: three tf32 tensor-core products (see the module docstring; the interpreter
+    # computes every dot exactly); bf16/fp16 operands: the default (None), the flag only
+    # concerns fp32 operands.
+    precision = "tf32x3" if (dtype == torch.float32 or upcast) else None
+    return dict(BLOCK_R=block_r or 64, BLOCK_C=block_c or 64, BLOCK_D=block_d, ONE_D_TILE=block_d >= dim,
+                UPCAST=upcast, PRECISION=precision, num_warps=4 if block_d <= 128 else 8)
 
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:
@@ -277,17 +283,15 @@ def info_nce_fwd(rows, cols, positive, self_index, temperature: float,
     positive, self_index = _index(positive), _index(self_index)
     n_rows, dim = rows.shape
     n_cols = cols.shape[0]
-    br, bc, bd, one_d, upcast, prec = _config(dim, rows.dtype, block_r, block_c, block_d)
+    meta = _config(dim, rows.dtype, block_r, block_c, block_d)
     inv_r, inv_c = _inv_norm(rows), _inv_norm(cols)
     loss = torch.empty(n_rows, device=rows.device, dtype=torch.float32)
     lse = torch.empty_like(loss)
     has_self = self_index is not None
     slf = self_index if has_self else positive
-    _fwd_kernel[(triton.cdiv(n_rows, br),)](
+    _fwd_kernel[(triton.cdiv(n_rows, meta["BLOCK_R"]),)](
         rows, cols, positive, slf, inv_r, inv_c, loss, lse,
-        n_rows, n_cols, dim, rows.stride(0), cols.stride(0), 1.0 / temperature,
-        HAS_SELF=has_self, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, ONE_D_TILE=one_d, UPCAST=upcast,
-        PRECISION=prec, num_warps=4 if bd <= 128 else 8)
+        n_rows, n_cols, dim, rows.stride(0), cols.stride(0), 1.0 / temperature, HAS_SELF=has_self, **meta)
     return loss, lse, inv_r, inv_c
 
 
@@ -298,22 +302,19 @@ def info_nce_bwd(grad_loss_rows, rows, cols, positive, self_index, lse, inv_r, i
     positive, self_index = _index(positive), _index(self_index)
     n_rows, dim = rows.shape
     n_cols = cols.shape[0]
-    br, bc, bd, one_d, upcast, prec = _config(dim, rows.dtype, block_r, block_c, block_d)
+    meta = dict(_config(dim, rows.dtype, block_r, block_c, block_d), HAS_SELF=self_index is not None)
     g = grad_loss_rows.float()
     # Scale the upstream gradient into [-1, 1] (kept on device: no host sync, graph-capturable).
     gmax = g.abs().amax().reshape(1)
     g = g / gmax.clamp_min(torch.finfo(torch.float32).tiny)
     d_rows = torch.empty_like(rows)
     d_cols = torch.empty_like(cols)
-    has_self = self_index is not None
-    slf = self_index if has_self else positive
-    n_d = triton.cdiv(dim, bd)
-    meta = dict(HAS_SELF=has_self, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, ONE_D_TILE=one_d,
-                UPCAST=upcast, PRECISION=prec, num_warps=4 if bd <= 128 else 8)
-    _bwd_rows_kernel[(triton.cdiv(n_rows, br), n_d)](
+    slf = self_index if meta["HAS_SELF"] else positive
+    n_d = triton.cdiv(dim, meta["BLOCK_D"])
+    _bwd_rows_kernel[(triton.cdiv(n_rows, meta["BLOCK_R"]), n_d)](
         rows, cols, positive, slf, inv_r, inv_c, lse, g, gmax, d_rows,
         n_rows, n_cols, dim, rows.stride(0), cols.stride(0), d_rows.stride(0), 1.0 / temperature, **meta)
-    _bwd_cols_kernel[(triton.cdiv(n_cols, bc), n_d)](
+    _bwd_cols_kernel[(triton.cdiv(n_cols, meta["BLOCK_C"]), n_d)](
         rows, cols, positive, slf, inv_r, inv_c, lse, g, gmax, d_cols,
         n_rows, n_cols, dim, rows.stride(0), cols.stride(0), d_cols.stride(0), 1.0 / temperature, **meta)
     return d_rows, d_cols
