@@ -9,7 +9,16 @@ training device (`train.device`, auto: the GPU when there is one), from `--data`
 every timed batch: `image_folder`). Each loader uses
 every CPU core (`--workers`, default all: worker processes for pil and torch, threads for DALI
 and FFCV), and its CPU use is measured over the timed batches (CPU seconds of the process and
-its worker processes / wall seconds = the cores it kept busy). `dali-per_view` is DALI with
+its worker processes / wall seconds = the cores it kept busy).
+
+Each loader runs in a process of its own (no worker, thread or CUDA state left over from the one
+before), under `--loader-timeout` seconds: a loader that stalls is stopped, Python's stacks of
+all its threads are printed shortly before, and the table marks it. The warm-up outlasts what a
+loader holds in flight (`--warmup`, default 2 x workers + 3, ffcv 3: `in_flight_batches`):
+otherwise the timed batches would include batches made while nothing was timed (16 workers on a
+2-core CPU: 16,000 images/s over 4 batches). Batches from W workers arrive in bursts of up to W,
+so the timed span covers many bursts (`--batches`, default max(40, 8 x workers), ffcv 40:
+`burst_batches`). Each loader reads its own linked folder, sized for its batches. `dali-per_view` is DALI with
 `data.dali_decode=per_view` (ROI decoding per view). `ffcv` reads a .beton converted from the
 same folder first (`--max-side`, default 512, `--write-mode`, default jpg, `--compress-probability`
 for `proportion`; JPEG quality 90; the conversion is timed apart), and its per-image costs are
@@ -17,10 +26,13 @@ broken down on one thread (`ffcv_costs`): the JPEG decode against the two crops'
 A JSON record is appended to benchmarks/results/data_<device>.json.
 """
 import argparse
+import faulthandler
 import importlib.util
 import json
 import os
 import platform
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -158,8 +170,24 @@ def ffcv_costs(beton: Path, size: int, distinct: int, repeats: int = 3) -> dict:
             "images": len(images)}
 
 
-def time_loader(loader, batches: int, warmup: int, device: torch.device) -> dict:
-    """Images/s and busy cores over `batches` batches after `warmup`, cycling epochs."""
+def in_flight_batches(kind: str, workers: int) -> int:
+    """The most batches a loader holds, made or in the making, before they are asked for: pil,
+    torch and dali read with DataLoader workers, which prefetch two batches each (dali then keeps
+    two submitted to DALI); ffcv's threads make three ahead. A warm-up at least this long leaves
+    none of them for the timed span."""
+    return 3 if kind == "ffcv" else 2 * workers + 3
+
+
+def burst_batches(kind: str, workers: int) -> int:
+    """Timed batches that span 8 bursts: W DataLoader workers started together deliver their
+    batches in bursts of up to W, and a span of a few bursts would over- or under-count one of
+    them. ffcv's threads make one batch at a time together: no bursts."""
+    return 0 if kind == "ffcv" else 8 * workers
+
+
+def time_loader(loader, batches: int, warmup: int, device: torch.device, name: str) -> dict:
+    """Images/s and busy cores over `batches` batches after `warmup`, cycling epochs; prints how
+    long the first batch and the warm-up took, so that a slow start shows where it is."""
     def stream():
         epoch = 0
         while True:
@@ -168,10 +196,15 @@ def time_loader(loader, batches: int, warmup: int, device: torch.device) -> dict
             epoch += 1
 
     it = stream()
-    for _ in range(warmup):
+    start = time.perf_counter()
+    next(it)
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
         next(it)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    print(f"{name}: first batch after {first:.1f} s, {warmup} warm-up batches after "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
     cpu0, t0, images = cpu_seconds(), time.perf_counter(), 0
     for _ in range(batches):
         views, _, _ = next(it)
@@ -179,10 +212,61 @@ def time_loader(loader, batches: int, warmup: int, device: torch.device) -> dict
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
-    return {"images_per_s": images / wall, "seconds": wall, "images": images, "cores_busy": cpu / wall}
+    return {"images_per_s": images / wall, "seconds": wall, "images": images, "cores_busy": cpu / wall,
+            "first_batch_s": first, "warmup_batches": warmup, "timed_batches": batches}
+
+
+def measure(name: str, folder: Path, distinct: int, work: Path, args, device: torch.device) -> dict:
+    """One loader's record (run in a process of its own: `run_in_child`)."""
+    kind, _, decode = name.partition("-")
+    data_cfg = SimpleNamespace(loader=kind, workers=args.workers, on_bad_image="error",
+                               dali_decode=decode or "once", ffcv_order="random", ffcv_os_cache=True,
+                               cache_dir=str(work))
+    root, extra = folder, {}
+    if kind == "ffcv":
+        root, seconds = to_beton(folder, work, args)
+        extra = {"convert_seconds": seconds, "beton_mb": root.stat().st_size / 2**20,
+                 "max_side": args.max_side, "write_mode": args.write_mode,
+                 "one_thread_costs": ffcv_costs(root, args.size, distinct)}
+        c = extra["one_thread_costs"]
+        if c:
+            print(f"ffcv, per image on one thread: decode {c['decode_ms']:.2f} ms, two crops "
+                  f"{c['two_crops_ms']:.2f} ms (OpenCV INTER_AREA {c['two_crops_area_ms']:.2f} ms, "
+                  f"INTER_LINEAR {c['two_crops_linear_ms']:.2f} ms)")
+    start = time.perf_counter()
+    loader = build_loader(data_cfg, str(root), size=args.size, batch_size=args.batch, device=device)
+    print(f"{name}: loader built in {time.perf_counter() - start:.1f} s", flush=True)
+    return {**time_loader(loader, args.batches, args.warmup, device, name), **extra}
+
+
+def run_in_child(name: str, argv, folder: Path, distinct: int, work: Path, timeout: float) -> dict:
+    """`measure(name)` in a child process (this script with --child), stopped after `timeout`
+    seconds with its whole process group; 15 s before that it prints its threads' stacks."""
+    result = work / f"{name}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", name, "--child-folder", str(folder),
+               "--child-distinct", str(distinct), "--child-work", str(work)]
+    start = time.perf_counter()
+    child = subprocess.Popen(command, start_new_session=True)
+    try:
+        child.wait(timeout)
+        status = None
+    except subprocess.TimeoutExpired:
+        status = f"stopped after {timeout:.0f} s (--loader-timeout)"
+    finally:                    # also on Ctrl-C: no worker of the child outlives it
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait()
+    if status:
+        return {"status": status, "wall_s": time.perf_counter() - start}
+    if child.returncode != 0 or not result.exists():
+        return {"status": f"failed (exit code {child.returncode}, output above)", "wall_s": time.perf_counter() - start}
+    return {**json.loads(result.read_text()), "status": "ok", "wall_s": time.perf_counter() - start}
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--loader", default=",".join(LOADERS), help="comma-separated, from " + ", ".join(LOADERS))
@@ -190,16 +274,33 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--batches", type=int, default=40, help="timed batches per loader")
-    parser.add_argument("--warmup", type=int, default=8, help="untimed batches per loader")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="timed batches per loader (default max(40, 8 x workers); ffcv: 40)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed batches per loader (default and least 2 x workers + 3; ffcv: 3)")
+    parser.add_argument("--loader-timeout", type=float, default=600.0,
+                        help="seconds a loader may take, conversion included (default 600)")
     parser.add_argument("--max-side", type=int, default=512, help="ffcv: the .beton's maximum side (default 512)")
     parser.add_argument("--write-mode", default="jpg", choices=("jpg", "raw", "smart", "proportion"),
                         help="ffcv: how the .beton stores images (default jpg)")
     parser.add_argument("--compress-probability", type=float, default=0.5,
                         help="ffcv, --write-mode proportion: the share stored as JPEG (default 0.5)")
     parser.add_argument("--out", default=None)
+    # Internal: run one loader (run_in_child).
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-folder", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-distinct", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(cfg.train.device)
+    if args.child:                      # the parent passed this loader's --warmup and --batches
+        faulthandler.dump_traceback_later(max(args.loader_timeout - 15, 1))
+        record = measure(args.child, Path(args.child_folder), args.child_distinct, Path(args.child_work), args, device)
+        (Path(args.child_work) / f"{args.child}.json").write_text(json.dumps(record))
+        return 0
+
     names = [n.strip() for n in args.loader.split(",") if n.strip()]
     unknown = [n for n in names if n not in LOADERS]
     if unknown:
@@ -212,38 +313,34 @@ def main(argv=None) -> int:
     src = Path(args.data)
     if not src.is_dir():
         parser.error(f"--data {src}: not a folder")
-    cfg = load_config(args.config, args.overrides)
-    device = resolve_device(cfg.train.device)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        folder, distinct = image_folder(src, work, args.batch * (args.warmup + args.batches))
+        print(f"{len(names)} loaders, each in its own process: batch {args.batch}, {args.workers} workers, {device}",
+              flush=True)
         for name in names:
-            kind, _, decode = name.partition("-")
-            data_cfg = SimpleNamespace(loader=kind, workers=args.workers, on_bad_image="error",
-                                       dali_decode=decode or "once", ffcv_order="random", ffcv_os_cache=True,
-                                       cache_dir=str(work))
-            root, extra = folder, {}
-            if kind == "ffcv":
-                root, seconds = to_beton(folder, work, args)
-                extra = {"convert_seconds": seconds, "beton_mb": root.stat().st_size / 2**20,
-                         "max_side": args.max_side, "write_mode": args.write_mode,
-                         "one_thread_costs": ffcv_costs(root, args.size, distinct)}
-                c = extra["one_thread_costs"]
-                if c:
-                    print(f"ffcv, per image on one thread: decode {c['decode_ms']:.2f} ms, two crops "
-                          f"{c['two_crops_ms']:.2f} ms (OpenCV INTER_AREA {c['two_crops_area_ms']:.2f} ms, "
-                          f"INTER_LINEAR {c['two_crops_linear_ms']:.2f} ms)")
-            loader = build_loader(data_cfg, str(root), size=args.size, batch_size=args.batch, device=device)
-            results[name] = {**time_loader(loader, args.batches, args.warmup, device), **extra}
-            del loader
-            r = results[name]
-            print(f"{name:14s}{r['images_per_s']:9.1f} images/s  {r['cores_busy']:5.2f} cores busy", flush=True)
+            kind = name.partition("-")[0]
+            warmup = max(args.warmup or 0, in_flight_batches(kind, args.workers))
+            batches = args.batches or max(40, burst_batches(kind, args.workers))
+            if args.warmup is not None and args.warmup < warmup:
+                print(f"{name}: --warmup {args.warmup} raised to {warmup}, the batches it holds in flight")
+            folder, distinct = image_folder(src, work / name, args.batch * (warmup + batches))
+            child_argv = argv + ["--warmup", str(warmup), "--batches", str(batches)]
+            r = results[name] = run_in_child(name, child_argv, folder, distinct, work, args.loader_timeout)
+            if r["status"] == "ok":
+                print(f"{name:14s}{r['images_per_s']:9.1f} images/s  {r['cores_busy']:5.2f} cores busy", flush=True)
+            else:
+                print(f"{name:14s} {r['status']}", flush=True)
+    if results["pil"]["status"] != "ok":
+        print(f"the pil baseline {results['pil']['status']}: no comparison written", file=sys.stderr)
+        return 1
     base = results["pil"]["images_per_s"]
-    for name, r in results.items():
-        r["vs_pil"] = r["images_per_s"] / base
     print("\nimages/s, two views of %d px, batch %d, %d workers, %s:" % (args.size, args.batch, args.workers, device))
     for name, r in results.items():
+        if r["status"] != "ok":
+            print(f"  {name:14s} {r['status']}")
+            continue
+        r["vs_pil"] = r["images_per_s"] / base
         print(f"  {name:14s}{r['images_per_s']:9.1f}  {r['vs_pil']:5.2f}x pil  {r['cores_busy']:5.2f} cores")
 
     versions = {"torch": torch.__version__, "python": platform.python_version()}
@@ -260,7 +357,6 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(history + [record], indent=1) + "\n")
     print(f"\nwrote {out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

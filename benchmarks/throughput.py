@@ -17,7 +17,10 @@ configured projector: ~28M parameters in 161 tensors) with the multi-tensor impl
 `--stage data --loader NAMES` compares the loaders on real JPEGs instead (benchmarks/data.py:
 images/s and busy cores of each, next to the PIL DataLoader baseline, in the same run).
 Each stage is warmed up, then timed per step: images/s over the timed steps together (a stall
-counts in full), and the per-step median, p20 and p80. A table is printed and a JSON
+counts in full), and the per-step median, p20 and p80. The stages fed by the loader (data, train)
+warm up past the batches it holds in flight and time at least 8 bursts of its workers' batches
+(benchmarks/data.py: `in_flight_batches`, `burst_batches`): a shorter run times batches made
+while the other stages ran. A table is printed and a JSON
 record (device, versions, git sha, config, command, numbers) is appended to
 benchmarks/results/throughput_<device>.json.
 """
@@ -142,7 +145,15 @@ def run(cfg, stages, steps: int, warmup: int):
         if name == "optim":      # the step needs gradients (the model stage leaves none)
             for p in model.parameters():
                 p.grad = torch.randn_like(p) * 1e-3
-        results[name] = summarise(timed(fns[name], steps, warmup, device), n)
+        stage_steps, stage_warmup = steps, warmup
+        if name in ("data", "train"):      # fed by the loader: past what it holds in flight, over many bursts
+            workers = cfg.data.workers
+            stage_steps = max(steps, data_benchmark.burst_batches(cfg.data.loader, workers))
+            stage_warmup = max(warmup, data_benchmark.in_flight_batches(cfg.data.loader, workers))
+            if (stage_steps, stage_warmup) != (steps, warmup):
+                print(f"  {name}: {stage_warmup} warm-up and {stage_steps} timed steps ({workers} loader workers; "
+                      "benchmarks/data.py in_flight_batches, burst_batches)", file=sys.stderr)
+        results[name] = summarise(timed(fns[name], stage_steps, stage_warmup, device), n)
         print(f"  {name:8s} {results[name]['images_per_s']:10.1f} images/s  "
               f"(mean {1e3 * results[name]['mean_s']:.1f} ms/batch of {n})", file=sys.stderr)
     if "train" in results and "train-premade" in results:
