@@ -1,0 +1,44 @@
+"""benchmarks/data.py: each loader timed in a process of its own, past what it holds in flight."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import data as data_benchmark  # noqa: E402
+
+
+def jpegs(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return folder
+
+
+def test_a_loader_is_timed_past_its_prefetch_in_its_own_process(tmp_path):
+    src, out = jpegs(tmp_path / "photos", 6), tmp_path / "data.json"
+    argv = ["--loader", "pil", "--data", str(src), "--batch", "4", "--size", "16", "--workers", "1",
+            "--batches", "3", "--warmup", "1", "--out", str(out), "train.device=cpu"]
+    assert data_benchmark.main(argv) == 0
+    (record,) = json.loads(out.read_text())
+    pil = record["results"]["pil"]
+    # One worker prefetches two batches: the warm-up is raised to 2 x 1 + 3 = 5 batches.
+    assert pil["status"] == "ok" and pil["warmup_batches"] == data_benchmark.in_flight_batches("pil", 1) == 5
+    assert pil["timed_batches"] == 3 and pil["images"] == 12 and pil["images_per_s"] > 0
+    assert pil["vs_pil"] == 1.0
+
+
+def test_a_stalled_or_failing_loader_is_stopped_and_marked(tmp_path):
+    src = jpegs(tmp_path / "photos", 6)
+    folder, distinct = data_benchmark.image_folder(src, tmp_path / "work", 8)
+    assert distinct == 6 and len(list((folder / "images").iterdir())) == 12      # linked twice
+    argv = ["--batch", "4", "--size", "16", "--workers", "0", "--warmup", "3", "--batches", "2", "train.device=cpu"]
+    # Stopped while it still starts up (importing torch takes longer than 0.5 s).
+    r = data_benchmark.run_in_child("pil", argv, folder, distinct, tmp_path, timeout=0.5)
+    assert r["status"] == "stopped after 0 s (--loader-timeout)" and r["wall_s"] < 30
+    # A loader that fails (here: a batch larger than the folder) is marked, not fatal.
+    r = data_benchmark.run_in_child("pil", argv + ["--batch", "64"], folder, distinct, tmp_path, timeout=120)
+    assert r["status"].startswith("failed (exit code 1")
