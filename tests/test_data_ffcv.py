@@ -249,6 +249,19 @@ def test_mid_epoch_resume_equals_the_rest_of_the_epoch(train_loader, train_beton
         assert torch.equal(ia, ib) and torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(va, vb))
 
 
+def test_an_epoch_left_midway_stops_its_thread(train_loader):
+    """FFCV's close() only asks its daemon thread to stop; one still decoding when Python exits
+    aborts the process ("terminate called without an active exception")."""
+    train_loader.set_epoch(5)
+    batches = iter(train_loader)
+    next(batches)
+    thread = train_loader.iterator
+    assert thread.is_alive()              # it works ahead
+    batches.close()                       # the epoch is left midway (a `break`, an error)
+    assert not thread.is_alive()
+    assert len(epoch(train_loader, 5)) == 5     # the loader reads whole epochs afterwards
+
+
 @pytest.fixture(scope="module")
 def coordinate_beton(tmp_path_factory):
     """Raw (lossless) coordinate images of two sizes."""

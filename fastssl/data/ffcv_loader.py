@@ -449,7 +449,7 @@ class FfcvLoader:
 
     def __iter__(self):
         if self.iterator is not None:          # an epoch left unfinished: stop its thread
-            self.iterator.close()
+            stop_epoch(self.iterator)
         sequence = self.sampler_sequence() if self.train else self.eval_sequence
         if self.train:
             self.decoder.set_epoch(self.sampler.epoch)
@@ -466,7 +466,7 @@ class FfcvLoader:
                 yield (self.split_views(images, n), labels.reshape(-1).clone(),
                        indices.to(self.device, non_blocking=True))
         finally:
-            iterator.close()
+            stop_epoch(iterator)
 
     def split_views(self, images: torch.Tensor, n: int) -> List[torch.Tensor]:
         """(N, total) flat planar views, or (N, S, S, 3) centre views -> [(N, 3, S_v, S_v)], contiguous
@@ -479,6 +479,21 @@ class FfcvLoader:
             planar = images[:, start:end].view(n, 3, view.size, view.size)
             out.append(planar.clone(memory_format=torch.contiguous_format))   # a copy even when contiguous
         return out
+
+
+def stop_epoch(iterator) -> None:
+    """Stop an FFCV epoch's thread and wait until it has ended. FFCV's close() only asks: its
+    daemon thread finishes the batch it is making, and one that is still running when Python
+    exits dies taking the GIL inside pybind11 code, which aborts the process ("terminate called
+    without an active exception", seen after a benchmark left an epoch midway). The queue is
+    drained meanwhile: at the end of the order the thread blocks putting its end marker."""
+    iterator.close()
+    while iterator.is_alive():
+        try:
+            iterator.output_queue.get_nowait()
+        except queue.Empty:
+            pass
+        iterator.join(timeout=0.1)
 
 
 def next_batch(iterator):
