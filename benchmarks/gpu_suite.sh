@@ -32,18 +32,19 @@ gpu_pytest() {
     env -u TRITON_INTERPRET "$PY" -m pytest "$@" -q -rs $PYTEST_ARGS 2>&1 | tee "$LOGS/$log" || true
 }
 
-# The SimCLR ResNet-50 end-to-end runs read the sample linked 420 times (84,000 JPEGs): one epoch
-# holds every batch of 256 they read (with 16 workers the data and train stages each take 35
-# warm-up and 128 timed batches: benchmarks/data.py in_flight_batches, burst_batches), so no epoch
-# boundary, where the loaders pause, falls among them.
+# The SimCLR ResNet-50 end-to-end runs read an ImageFolder of the sample linked until it holds
+# 84,000 JPEGs (benchmarks/data.py image_folder): one epoch holds every batch of 256 they read
+# (with 16 workers the data and train stages each take 35 warm-up and 128 timed batches:
+# benchmarks/data.py in_flight_batches, burst_batches), so no epoch boundary, where the loaders
+# pause, falls among them.
 photos_folder() {
-    local folder
-    folder=$(mktemp -d)/train/photos
-    mkdir -p "$folder"
-    for copy in $(seq 420); do
-        for f in "$SAMPLE"/*; do ln -s "$(realpath "$f")" "$folder/${copy}_$(basename "$f")"; done
-    done
-    dirname "$folder"
+    "$PY" - "$SAMPLE" 84000 <<'PYEOF'
+import sys, tempfile
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+import data
+print(data.image_folder(Path(sys.argv[1]), Path(tempfile.mkdtemp()), int(sys.argv[2]))[0])
+PYEOF
 }
 
 # budget_runs NAME PATTERN LINES METHOD...: every method with the demo's settings (its per_method
@@ -65,12 +66,11 @@ budget_runs() {
     done
 }
 
-# SimCLR ResNet-50, 224 px, bf16, 256 images per GPU, on real photos, fed by LOADER: the full
+# SimCLR ResNet-50, 224 px, bf16, 256 images per GPU, on the photos in FOLDER, fed by LOADER: the full
 # pipeline against the same step on a resident batch (pipeline efficiency), plus model FLOPs
 # utilisation.
 simclr_resnet50_run() {
-    local loader=$1 folder
-    folder=$(photos_folder)
+    local loader=$1 folder=$2
     # Stopped after 6 minutes: a stalled loader must not take the other runs' time.
     timeout -k 10 360 "$PY" benchmarks/throughput.py --config configs/simclr_resnet50_imagenet.yaml --stage all --steps 10 --warmup 3 \
         data.train="$folder" data.val="$folder" data.loader="$loader" data.workers=16 train.batch_size=256 \
@@ -139,8 +139,10 @@ stage_e2e() {
         return
     fi
     # The PIL DataLoader (16 workers), then DALI when installed, on the same machine in one go.
-    simclr_resnet50_run pil
-    if "$PY" -c "import nvidia.dali" 2>/dev/null; then simclr_resnet50_run dali; fi
+    local folder
+    folder=$(photos_folder)
+    simclr_resnet50_run pil "$folder"
+    if "$PY" -c "import nvidia.dali" 2>/dev/null; then simclr_resnet50_run dali "$folder"; fi
 }
 
 # ------------------------------------------------------------- stage: methods (same data, same budget)
