@@ -358,5 +358,6 @@ def main(argv=None) -> int:
     print(f"\nwrote {out}")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -62,6 +62,22 @@ def tiny_config(tiny_cache, tmp_path):
     return make
 
 
+def compile_in_fresh_process(script: str, tmp_path, *args: str, **env: str):
+    """Run `script`, which compiles Triton kernels for a GPU target, in a fresh Python process:
+    without TRITON_INTERPRET (the interpreter does not type-check like the compiler) and with an
+    empty Triton cache in `tmp_path`, plus `env`. Skips where this Triton build has no NVIDIA
+    backend; returns the finished process, which must have succeeded."""
+    import subprocess
+    import sys
+    import triton.backends
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend to compile with")
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TRITON_CACHE_DIR": str(tmp_path), **env}
+    run = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 def write_image(folder, name, image, **save_args):
     """Save a PIL image as folder/name (folders made as needed); returns its path."""
     folder.mkdir(parents=True, exist_ok=True)

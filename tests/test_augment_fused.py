@@ -28,6 +28,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastssl.augment import AugmentConfigError, MultiViewAugment, SimCLRAugment  # noqa: E402
+from conftest import compile_in_fresh_process  # noqa: E402
 from fastssl.data.crops import crop_boxes  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,15 +218,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     """The interpreter does not type-check like the compiler: compile every kernel variant the
     launcher can pick (u8 / half input, fp32 / bf16 / fp16 output, both blur passes) to an sm_90
     cubin in a fresh process without TRITON_INTERPRET and with a fresh cache."""
-    import subprocess
-    import sys
-    import triton.backends
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this Triton build has no NVIDIA backend to compile with")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    run = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = compile_in_fresh_process(COMPILE_SCRIPT, tmp_path)
     assert run.stdout.split().count("True") == 5, run.stdout
 
 

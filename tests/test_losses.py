@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import compile_in_fresh_process
 from fastssl.losses import (InfoNCELoss, info_nce, info_nce_rows_cols, info_nce_rows_cols_reference,
                             nt_xent_reference, simclr_indices)
 from fastssl.losses import contrastive
@@ -250,16 +251,7 @@ def test_kernels_compile_for_sm90_without_heavy_register_spills(dtype, tmp_path)
     42 KB in the backward and ran 110x slower than eager PyTorch on an H100; tf32x3 spills 1.5 and
     2.2 KB there, bf16 0.1 and 0.6 KB (Triton 3.8)."""
     import re
-    import subprocess
-    import sys
-    import triton.backends
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this Triton build has no NVIDIA backend to compile with")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DUMP_PTXAS_LOG="1")
-    run = subprocess.run([sys.executable, "-c", SPILL_SCRIPT, dtype], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = compile_in_fresh_process(SPILL_SCRIPT, tmp_path, dtype, TRITON_DUMP_PTXAS_LOG="1")
     # ptxas prints each kernel's report before the script's "compiled" line for it.
     spills = dict(zip(re.findall(r"^compiled (\w+)", run.stdout, re.M),
                       map(int, re.findall(r"(\d+) bytes spill stores", run.stdout))))
