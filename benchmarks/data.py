@@ -293,6 +293,8 @@ def main(argv=None) -> int:
     parser.add_argument("--child-work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    if args.loader_timeout <= 0 or (args.batches is not None and args.batches < 1) or (args.warmup or 0) < 0:
+        parser.error("--loader-timeout must be > 0, --batches >= 1 and --warmup >= 0")
     cfg = load_config(args.config, args.overrides)
     device = resolve_device(cfg.train.device)
     if args.child:                      # the parent passed this loader's --warmup and --batches
