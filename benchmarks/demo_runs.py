@@ -1,11 +1,12 @@
 """The demo's kNN top-1 per method, recorded: for each method X it runs the README's command
 ``fastssl train --config configs/demo.yaml method.name=X train.threads=1`` (``--jobs`` at a time,
-one thread each) and keeps the final line ``kNN top-1: X=NN.N% random-init=NN.N%``.
+one thread each) and keeps the final line ``kNN top-1: X=NN.N% random-init=NN.N%`` and the
+random-init score with batch-norm statistics of the training images (the line before it).
 
     python benchmarks/demo_runs.py byol simsiam dino moco_v3 [--seeds 0 1] [--jobs 2] [-- key=value ...]
 
 Writes benchmarks/results/methods_demo_<device>.json: the command of every run, its kNN line and
-two numbers, its wall time (not the demo's time alone when runs share the cores), and the method
+its numbers, its wall time (not the demo's time alone when runs share the cores), and the method
 and optimiser settings it resolved (from the run's config.yaml, so per-method sections show).
 A run that fails is recorded with the tail of its log, and the script exits non-zero.
 """
@@ -24,6 +25,7 @@ import loss as loss_benchmark   # benchmarks/loss.py, beside this file: device n
 
 ROOT = Path(__file__).resolve().parents[1]
 KNN_LINE = re.compile(r"kNN top-1: (\w+)=([\d.]+)% random-init=([\d.]+)%")
+BN_LINE = re.compile(r"random-init with batch-norm statistics of the training images: ([\d.]+)%")
 
 
 def run_one(method: str, seed: int, run_root: Path, extra: list) -> dict:
@@ -44,6 +46,9 @@ def run_one(method: str, seed: int, run_root: Path, extra: list) -> dict:
     record.update(knn_line=match.group(0), knn_top1=float(match.group(2)),
                   knn_top1_random_init=float(match.group(3)),
                   settings=cfg["method"].get(method, {}), optim=cfg["optim"], epochs=cfg["train"]["epochs"])
+    bn = BN_LINE.search(output)          # absent under eval.random_init_bn=false
+    if bn:
+        record["knn_top1_random_init_bn"] = float(bn.group(1))
     return record
 
 

@@ -12,6 +12,9 @@ def cmd_train(args) -> int:
     if results:
         for line in results.get("pretext", []):
             print(line)
+        if "knn_top1_random_init_bn" in results:
+            print("random-init with batch-norm statistics of the training images: "
+                  f"{results['knn_top1_random_init_bn']:.1f}%")
         print(f"kNN top-1: {cfg.method.name}={results['knn_top1']:.1f}% random-init={results['knn_top1_random_init']:.1f}%")
     return 0
 

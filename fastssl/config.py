@@ -463,6 +463,10 @@ class EvalConfig:
     knn_every_epochs: int = 0
     """During pre-training, kNN-evaluate the backbone every this many epochs (a metrics line with
     event `knn`); 0: only the final evaluation at the end."""
+    random_init_bn: bool = True
+    """The final evaluation also reports the random-init network with its batch-norm statistics
+    re-estimated on (up to 10,000) training images: the score that fitting the normalisation alone
+    gives, a stricter baseline than random-init (one more pass over the training images)."""
     linear_epochs: int = 100
     """`fastssl eval linear`: epochs of the linear classifier on the frozen features."""
     linear_lr: float = 0.1

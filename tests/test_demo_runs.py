@@ -21,6 +21,7 @@ def test_demo_runs_records_each_run_and_fails_loudly(tiny_cache, tmp_path):
     for method, r in runs.items():
         assert r["knn_line"] == f"kNN top-1: {method}={r['knn_top1']:.1f}% random-init={r['knn_top1_random_init']:.1f}%"
         assert "train.seed=3" in r["command"] and r["epochs"] == 1
+        assert 0 <= r["knn_top1_random_init_bn"] <= 100
     # The settings come from the run's own config: the demo file's per_method section reached BYOL only.
     assert (runs["byol"]["optim"]["name"], runs["simclr"]["optim"]["name"]) == ("sgd", "lars")
 

@@ -91,9 +91,23 @@ def test_cli_prints_the_final_line(tiny_config, tmp_path):
             "train.batch_size=32", "train.device=cpu", "eval.knn_k=10", f"run.dir={tmp_path / 'cli'}"]
     out = subprocess.run([sys.executable, "-m", "fastssl", "train", *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert re.fullmatch(r"kNN top-1: simclr=\d+\.\d% random-init=\d+\.\d%", out.stdout.strip().splitlines()[-1])
+    *_, bn_line, last = out.stdout.strip().splitlines()
+    assert re.fullmatch(r"random-init with batch-norm statistics of the training images: \d+\.\d%", bn_line)
+    assert re.fullmatch(r"kNN top-1: simclr=\d+\.\d% random-init=\d+\.\d%", last)
     bad = subprocess.run([sys.executable, "-m", "fastssl", "train", "train.epoch=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'train.epochs'" in bad.stderr
+
+
+def test_the_random_init_baselines_of_an_untrained_model(tiny_config):
+    from fastssl.methods import build_method as build_model
+    from fastssl.train.trainer import evaluate
+    cfg = tiny_config()
+    results = evaluate(cfg, build_model(cfg), "val", torch.device("cpu"))
+    # the same seed builds the same initial network, so the untrained model scores as its baseline
+    assert results["knn_top1"] == results["knn_top1_random_init"]
+    assert 0 <= results["knn_top1_random_init_bn"] <= 100
+    assert "knn_top1_random_init_bn" not in evaluate(tiny_config(**{"eval.random_init_bn": False}),
+                                                     build_model(cfg), "val", torch.device("cpu"))
 
 
 def test_bf16_autocast_step_on_cpu(tiny_config):

@@ -29,7 +29,7 @@ from fastssl.config import Config, ConfigError, save_config, to_dict
 from fastssl.data import build_loader, resolve_paths
 from fastssl.data.badimages import SkippedImages
 from fastssl.eval.commands import eval_loaders, eval_preprocess, knn_top1, on_device, pretext_lines
-from fastssl.eval.knn import extract_features
+from fastssl.eval.knn import extract_features, with_estimated_batch_norm
 from fastssl.methods import Method, build_augment, build_method, view_crops
 from fastssl.optim import build_optimizer, lr_at, scaled_lr
 from fastssl.train.checkpoint import find_and_load, rng_state, save_checkpoint, save_last, set_rng_state
@@ -469,7 +469,9 @@ def train_step(views, step: int, seed: int, *, model, optimizer, scaler, augment
 def evaluate(cfg: Config, model: Method, val_dir, device, random_init: bool = True,
              skipped: SkippedImages = None) -> Dict[str, float]:
     """kNN top-1 of the trained method's evaluated backbone and (unless `random_init=False`) of
-    the same architecture at its random initialisation, and the pretext tasks' held-out lines."""
+    the same architecture at its random initialisation, as built and (eval.random_init_bn) with
+    its batch-norm statistics re-estimated on the training images, and the pretext tasks'
+    held-out lines."""
     loaders = eval_loaders(cfg, device, skipped)
     log.info("kNN evaluation (k=%d, t=%g) on %s", cfg.eval.knn_k, cfg.eval.knn_temperature, val_dir)
     trained = knn_top1(cfg, model.eval_backbone(), loaders)
@@ -479,5 +481,11 @@ def evaluate(cfg: Config, model: Method, val_dir, device, random_init: bool = Tr
     for line in pretext:
         log.info(line)
     with torch.random.fork_rng(devices=[]):      # build_method seeds the global RNG
-        baseline = knn_top1(cfg, on_device(build_method(cfg).eval_backbone(), device), loaders)
-    return {"knn_top1": trained, "knn_top1_random_init": baseline, **({"pretext": pretext} if pretext else {})}
+        random_init = on_device(build_method(cfg).eval_backbone(), device)
+    results = {"knn_top1": trained, "knn_top1_random_init": knn_top1(cfg, random_init, loaders)}
+    if cfg.eval.random_init_bn:
+        fitted = with_estimated_batch_norm(random_init, loaders[0], eval_preprocess(cfg))
+        results["knn_top1_random_init_bn"] = knn_top1(cfg, fitted, loaders)
+        log.info("kNN top-1 of random-init with batch-norm statistics of the training images: %.1f%%",
+                 results["knn_top1_random_init_bn"])
+    return {**results, **({"pretext": pretext} if pretext else {})}
