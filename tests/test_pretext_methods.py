@@ -127,7 +127,8 @@ def test_train_prints_the_pretext_line_before_the_knn_line(tiny_config, tmp_path
     save_config(task_config(tiny_config, "rotation", **FAST, **{"train.epochs": 1}), tmp_path / "c.yaml")
     assert cli_main(["train", "--config", str(tmp_path / "c.yaml")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert re.fullmatch(rf"pretext rotation {LINE['rotation']}", out[-2]), out
+    assert re.fullmatch(rf"pretext rotation {LINE['rotation']}", out[-3]), out
+    assert out[-2].startswith("random-init with batch-norm statistics of the training images: "), out
     assert re.fullmatch(r"kNN top-1: rotation=\d+\.\d% random-init=\d+\.\d%", out[-1]), out
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# Precise BN (Wu & Johnson 2021): statistics averaged over ~10^4 images are as good as over all.
+# Precise BN (Wu & Johnson 2021) estimates the population statistics from ~10^4 images.
 BN_ESTIMATE_IMAGES = 10_000
 
 
