@@ -49,8 +49,9 @@ PYEOF
 
 # budget_runs NAME PATTERN LINES METHOD...: every method with the demo's settings (its per_method
 # section included) for the same fixed budget (20 epochs, batch 256) on a larger embedded dataset
-# at 32 px and at 96 px; the last LINES lines matching PATTERN of each run (kNN top-1, images/s,
-# pretext lines) go to $LOGS/NAME_gpu.log, its metrics to runs/gpu_NAME/.
+# at 32 px and at 96 px; the last LINES lines matching PATTERN of each run (images/s, pretext
+# lines, the logged fitted-batch-norm baseline and the final kNN line) go to $LOGS/NAME_gpu.log,
+# its metrics to runs/gpu_NAME/.
 budget_runs() {
     local name=$1 pattern=$2 lines=$3
     shift 3
@@ -150,7 +151,7 @@ stage_methods() {
     # 1. correctness on the GPU: every method's unit, resume and distributed tests.
     gpu_pytest test_methods_gpu.log tests/test_methods.py tests/test_methods_distributed.py
     # 2. every method for the same fixed budget: images/s and kNN top-1 side by side.
-    budget_runs methods "kNN top-1|img/s" 2 simclr moco_v2 moco_v3 byol simsiam dino
+    budget_runs methods "kNN top-1|img/s" 3 simclr moco_v2 moco_v3 byol simsiam dino
 }
 
 # ------------------------------------------------------- stage: pretext tasks (same data, same budget)
@@ -160,7 +161,7 @@ stage_pretext() {
     gpu_pytest test_pretext_gpu.log tests/test_pretext_color.py tests/test_pretext_patches.py \
         tests/test_pretext_methods.py
     # 2. every task for the same fixed budget: its pretext line, kNN top-1 and images/s.
-    budget_runs pretext "^pretext|kNN top-1|img/s" 4 rotation jigsaw relative_position colorization inpainting \
+    budget_runs pretext "^pretext|kNN top-1|img/s" 5 rotation jigsaw relative_position colorization inpainting \
         split_brain super_resolution multitask
 }
 
@@ -182,7 +183,7 @@ for k in (1000, 10000):
     print(f"kmeans n={len(x)} d=256 k={k} 20 iterations: {time.perf_counter() - start:.1f}s, inertia {result.inertia:.0f}")
 PYEOF
     # 3. each method for the same fixed budget, as above.
-    budget_runs clustering "kNN top-1|img/s" 2 deepcluster obow cpc
+    budget_runs clustering "kNN top-1|img/s" 3 deepcluster obow cpc
 }
 
 for stage in "${STAGES[@]}"; do
