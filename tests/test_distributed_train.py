@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fastssl.config import flatten, load_config, to_dict
+from fastssl.methods import build_method
 from fastssl.train import train
 from fastssl.train.checkpoint import load_checkpoint
 
@@ -38,7 +39,7 @@ def _spawn(cfg) -> None:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_processes_match_one_process(tiny_config, tmp_path):
-    overrides = {"train.stop_after_steps": 3, "train.threads": 1, "train.sync_bn": True}
+    overrides = {"train.stop_after_steps": 3, "train.threads": 1, "train.sync_bn": True, "optim.lr": 0.2}
     single = tiny_config(**overrides, **{"run.dir": str(tmp_path / "single")})
     threads = torch.get_num_threads()
     try:
@@ -51,17 +52,23 @@ def test_two_gloo_processes_match_one_process(tiny_config, tmp_path):
     b = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
     assert (b["epoch"], b["batch"], b["step"]) == (a["epoch"], a["batch"], a["step"]) == (0, 3, 3)
     # Not bitwise: fp32 sums in another order (per-rank partial sums, all_reduce, DDP's gradient
-    # average). The losses (each computed with the parameters the previous steps produced) agree to
-    # float32 rounding (measured: <= 1e-6 relative). The parameters: the weights LARS updates with
-    # its trust ratio agree to ~1e-5; the 1-d parameters (batch-norm affine, biases), which take
-    # plain SGD steps at lr 2 here, are ill-conditioned from the second step on in this tiny
-    # setting: ONE process run with 1 vs 2 threads from the same checkpoint differs by 1e-2 there
-    # too (measured), so they get a tolerance of that size; after one step they agree to 1e-5.
+    # average). At lr 0.2 these 3 steps are well-conditioned: the losses agree to float32 rounding,
+    # and every parameter's update (its change from the initial weights) agrees within 2%
+    # (measured on an Intel Xeon), so each must agree within 10%; a wrong shard, gradient average or
+    # batch-norm synchronisation changes it wholesale. (At lr 2 the batch-norm biases' plain SGD
+    # steps make this tiny setting chaotic: the weights' updates differed by 13% between the runs.)
     torch.testing.assert_close(torch.tensor(_losses(tmp_path / "ddp")), torch.tensor(_losses(tmp_path / "single")),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-4, atol=1e-4)
+    init = build_method(single).state_dict()
     for key, value in a["model"].items():
-        loose = value.ndim <= 1 and not key.endswith(("running_mean", "running_var", "num_batches_tracked"))
-        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=5e-2 if loose else 1e-4, msg=key)
+        if not value.is_floating_point():
+            assert torch.equal(b["model"][key], value), key
+        elif key.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m, key=key: f"{key}: {m}")
+        else:
+            spread, update = (b["model"][key] - value).norm().item(), (value - init[key]).norm().item()
+            assert spread <= 0.1 * update, (key, spread, update)
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["event"] == "start" and records[0]["world_size"] == 2
     assert len([r for r in records if r["event"] == "train"]) == 3          # rank 0 alone writes metrics

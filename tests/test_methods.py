@@ -71,7 +71,9 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config, name):
     losses = [train_step(views, 0, 0, model=model, optimizer=optimizer, scaler=None, augment=augment, device=CPU,
                          autocast_dtype=None)[0] for _ in range(4)]
     after, _ = fixed_batch_loss(model, x, buffers)
-    assert losses[0] == pytest.approx(before, rel=1e-4)                # the measured batch is the trained one
+    # the measured batch is the trained one; the losses are means of cosines and cross-entropies of
+    # size ~1, summed in another order here, so their rounding is absolute (SimSiam's is near 0)
+    assert losses[0] == pytest.approx(before, rel=1e-4, abs=1e-5)
     assert all(math.isfinite(v) for v in losses + [after]), losses
     assert after < before - 0.05, (name, before, after, losses)
 

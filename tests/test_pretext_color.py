@@ -210,5 +210,8 @@ def test_batch_items_are_independent():
     bins = ab_bins()
     whole = encode_ab(rgb_to_lab(x)[:, 1:], bins)
     single = torch.cat([encode_ab(rgb_to_lab(x[i:i + 1])[:, 1:], bins) for i in range(5)])
-    assert torch.allclose(whole, single, atol=1e-6)
+    # Lab of a batch and of one image differ by float32 rounding (up to 6e-5 of values ~100 on an
+    # Intel Xeon's vectorised kernels), which moves the soft codes by up to 3e-6; mixing images
+    # would move them by far more
+    assert torch.allclose(whole, single, atol=1e-5)
     assert torch.allclose(lab_to_rgb(rgb_to_lab(x))[2:3], lab_to_rgb(rgb_to_lab(x[2:3])), atol=1e-6)
