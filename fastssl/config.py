@@ -466,7 +466,8 @@ class EvalConfig:
     random_init_bn: bool = True
     """The final evaluation also reports the random-init network with its batch-norm statistics
     re-estimated on (up to 10,000) training images: the score that fitting the normalisation alone
-    gives, a stricter baseline than random-init (one more pass over the training images)."""
+    gives, a stricter baseline than random-init. It costs one more kNN (features of the training
+    and validation images) plus a pass over up to 10,000 training images for the statistics."""
     linear_epochs: int = 100
     """`fastssl eval linear`: epochs of the linear classifier on the frozen features."""
     linear_lr: float = 0.1
