@@ -4,7 +4,9 @@
 # Leaves JSON under benchmarks/results/ and logs under $LOGS (default benchmarks/results/logs/).
 # Environment: SAMPLE (default ../shared/data/imagenet-sample), PYTEST_ARGS (e.g. "-n 8" where
 # pytest-xdist is installed), GPU_TESTS=0 (the benchmarks without the stages' tests), LOSS_ARGS (the
-# loss benchmark's sweep, default the full one). On a
+# loss benchmark's sweep, default the full one), LOADER_TIMEOUT (seconds each loader of stage data may
+# take, default 300), E2E_LOADERS (stage e2e's loaders, default "pil dali"), E2E_TIMEOUT (seconds
+# each e2e run may take, default 360): a short lease sets these to fit. On a
 # bare GPU machine, `source benchmarks/gpu_env.sh` first (benchmarks/gpu_carry.sh says how).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,8 +74,8 @@ budget_runs() {
 # utilisation.
 simclr_resnet50_run() {
     local loader=$1 folder=$2
-    # Stopped after 6 minutes: a stalled loader must not take the other runs' time.
-    timeout -k 10 360 "$PY" benchmarks/throughput.py --config configs/simclr_resnet50_imagenet.yaml --stage all --steps 10 --warmup 3 \
+    # Stopped after E2E_TIMEOUT seconds: a stalled loader must not take the other runs' time.
+    timeout -k 10 "${E2E_TIMEOUT:-360}" "$PY" benchmarks/throughput.py --config configs/simclr_resnet50_imagenet.yaml --stage all --steps 10 --warmup 3 \
         data.train="$folder" data.val="$folder" data.loader="$loader" data.workers=16 train.batch_size=256 \
         train.device=cuda train.precision=bf16 2>&1 | tee "$LOGS/simclr_resnet50_${loader}_gpu.log" \
         || echo "gpu_suite.sh: the $loader run stopped or failed (log above)" >&2
@@ -128,9 +130,9 @@ stage_data() {
     local loaders
     loaders=$("$PY" -c "import importlib.util as u; d=u.find_spec('nvidia') and u.find_spec('nvidia.dali'); \
 print(','.join(['pil', 'torch'] + (['dali', 'dali-per_view'] if d else []) + (['ffcv'] if u.find_spec('ffcv') else [])))")
-    # Each loader in its own process, stopped (its stacks printed) if it takes over 300 s.
+    # Each loader in its own process, stopped (its stacks printed) if it takes over LOADER_TIMEOUT s.
     "$PY" benchmarks/throughput.py --stage data --loader "$loaders" --data "$SAMPLE" --batch 256 \
-        --loader-timeout 300 train.device=cuda 2>&1 | tee "$LOGS/data_gpu.log"
+        --loader-timeout "${LOADER_TIMEOUT:-300}" train.device=cuda 2>&1 | tee "$LOGS/data_gpu.log"
 }
 
 # ------------------------------------- stage: end to end (does a SimCLR ResNet-50 step wait for data?)
@@ -139,11 +141,17 @@ stage_e2e() {
         echo "gpu_suite.sh: stage e2e needs the sample ($SAMPLE)" >&2
         return
     fi
-    # The PIL DataLoader (16 workers), then DALI when installed, on the same machine in one go.
-    local folder
+    # The PIL DataLoader (16 workers), then DALI when installed (E2E_LOADERS chooses), on the
+    # same machine.
+    local folder loader
     folder=$(photos_folder)
-    simclr_resnet50_run pil "$folder"
-    if "$PY" -c "import nvidia.dali" 2>/dev/null; then simclr_resnet50_run dali "$folder"; fi
+    for loader in ${E2E_LOADERS:-pil dali}; do
+        if [ "$loader" = dali ] && ! "$PY" -c "import nvidia.dali" 2>/dev/null; then
+            echo "gpu_suite.sh: DALI is not installed: no dali e2e run" >&2
+            continue
+        fi
+        simclr_resnet50_run "$loader" "$folder"
+    done
 }
 
 # ------------------------------------------------------------- stage: methods (same data, same budget)
