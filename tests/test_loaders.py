@@ -2,6 +2,7 @@
 the crops, the labels, the sharding and the unreadable files. DALI runs its CPU pipeline here."""
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -313,11 +314,12 @@ def test_gpu_decoding_matches_the_cpu(kind, tiny):
 @pytest.mark.parametrize("kind", FOLDER_KINDS)
 def test_workers_started_by_a_forkserver_give_the_same_batches(kind, tiny, monkeypatch):
     """Feeding a GPU, the workers start from a clean server process instead of a fork of a
-    process that holds CUDA state (imagefolder.worker_start_method); checked here on the CPU,
+    process that holds CUDA state (imagefolder.worker_context); checked here on the CPU,
     where they would be forked, by asking for the server."""
     from fastssl.data import imagefolder
-    assert imagefolder.worker_start_method(torch.device("cuda")) == "forkserver"
-    assert imagefolder.worker_start_method(torch.device("cpu")) is None
+    served_context = imagefolder.worker_context(torch.device("cuda"))
+    assert served_context.get_start_method() == "forkserver"
+    assert imagefolder.worker_context(torch.device("cpu")) is None
     train, _ = tiny
 
     def first_epoch():
@@ -327,13 +329,60 @@ def test_workers_started_by_a_forkserver_give_the_same_batches(kind, tiny, monke
         return load.loader.multiprocessing_context, list(load)
 
     forked_with, forked = first_epoch()
-    monkeypatch.setattr(imagefolder, "worker_start_method", lambda device: "forkserver")
+    monkeypatch.setattr(imagefolder, "worker_context", lambda device: served_context)
     served_with, served = first_epoch()
     assert forked_with is None and served_with.get_start_method() == "forkserver"
     assert len(served) == len(forked) == 5
     for (views_s, labels_s, indices_s), (views_f, labels_f, indices_f) in zip(served, forked):
         assert torch.equal(indices_s, indices_f) and torch.equal(labels_s, labels_f)
         assert all(torch.equal(a, b) for a, b in zip(views_s, views_f))
+
+
+FORKSERVER_MAIN = """
+import json, os, sys
+from pathlib import Path
+imported_before = "fastssl.data.imagefolder" in sys.modules
+import torch
+from fastssl.data import build_loader, imagefolder
+if __name__ == "__mp_main__":          # this script, re-run in a worker before it reads its dataset
+    (Path(os.environ["MARKS"]) / str(os.getpid())).write_text(str(imported_before))
+if __name__ == "__main__":
+    served = imagefolder.worker_context(torch.device("cuda"))
+    imagefolder.worker_context = lambda device: served
+    cfg = json.loads(sys.argv[2])
+    cfg["workers"] = 2
+    load = build_loader(type("Config", (), cfg), sys.argv[1], size=12, batch_size=16, seed=3)
+    load.set_epoch(0)
+    batches = iter(load.loader)
+    next(batches)
+    print(json.dumps([w.pid for w in batches._workers]))
+"""
+
+
+def test_forkserver_workers_do_not_import_torch_and_fastssl_again(tiny, tmp_path):
+    """The forkserver imports the fastssl modules the main process has (torch comes with them)
+    before it forks a worker. CPython before 3.13.8 re-runs the main script in every worker
+    (python/cpython#126631): without the preload each of them imported torch and fastssl anew
+    (about 10 s each on the H100 machine, one after another: 16 workers took minutes)."""
+    import json
+    import subprocess
+    import sys
+    script, marks = tmp_path / "main.py", tmp_path / "marks"
+    script.write_text(FORKSERVER_MAIN)
+    marks.mkdir()
+    cfg = vars(data_config("pil"))
+    out = subprocess.run([sys.executable, str(script), str(tiny[0]), json.dumps(cfg)], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "MARKS": str(marks)},
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    workers = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert len(workers) == 2
+    # Each worker that re-ran the script (all of them before CPython 3.13.8) found fastssl imported.
+    reruns = {int(p.name): p.read_text() for p in marks.iterdir()}
+    assert set(reruns) <= workers
+    assert all(found == "True" for found in reruns.values()), reruns
+    if sys.version_info < (3, 13):
+        assert set(reruns) == workers
 
 
 @pytest.mark.parametrize("kind", FOLDER_KINDS)

@@ -20,7 +20,9 @@ decoding) the images of the skipped batches.
 """
 import io
 import logging
+import multiprocessing
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -87,13 +89,28 @@ def to_uint8_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def worker_start_method(device: torch.device) -> Optional[str]:
+def worker_context(device: torch.device) -> Optional[multiprocessing.context.BaseContext]:
     """How the loaders start their worker processes: forked (the default, cheapest) when they
     feed the CPU, from a clean server process ("forkserver") when they feed a GPU. A child forked
     from a process holding CUDA state may touch it and abort: on an H100 the evaluation loader's
     forked workers died of DALI's cudaErrorInitializationError while the training loader's DALI
-    pipeline was alive. The price: each worker receives the dataset pickled, once per loader."""
-    return "forkserver" if device.type == "cuda" else None
+    pipeline was alive. The price: each worker receives the dataset pickled, once per loader.
+
+    The server imports the fastssl modules this process has imported (torch and the decoders come
+    with them) before it forks any worker. Without that, each worker imported them itself: CPython
+    before 3.13.8 never preloads `__main__` into the server (python/cpython#126631), so every worker
+    re-ran the main script and its imports, about 10 s on the H100 machine; and since a worker
+    reads its pickled dataset only after that, the main process, writing it into a pipe, started
+    its 16 workers one after another and waited minutes for the first batch. Where the server
+    cannot import fastssl (CPython before 3.12.8 ignores sys.path there, python/cpython#117378:
+    a checkout that is not installed, run from another folder) workers start the slow way."""
+    if device.type != "cuda":
+        return None
+    context = multiprocessing.get_context("forkserver")
+    loaded = sorted(name for name in sys.modules
+                    if (name == "fastssl" or name.startswith("fastssl.")) and not name.endswith("__main__"))
+    context.set_forkserver_preload(["__main__", *loaded])
+    return context
 
 
 class ViewCrop(NamedTuple):
@@ -232,7 +249,7 @@ class ImageFolderLoader:
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, shuffle=False, drop_last=train,
             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-            multiprocessing_context=worker_start_method(self.device) if workers > 0 else None,
+            multiprocessing_context=worker_context(self.device) if workers > 0 else None,
             collate_fn=collate)
 
     def dataset(self, on_bad_image: str):
