@@ -263,8 +263,12 @@ def _config(dim: int, dtype: torch.dtype, block_r=None, block_c=None, block_d=No
     # computes every dot exactly); bf16/fp16 operands: the default (None), the flag only
     # concerns fp32 operands.
     precision = "tf32x3" if (dtype == torch.float32 or upcast) else None
+    # Pipeline stages of the tile loads: fp32 tiles with three stages need 233,472 bytes of shared
+    # memory in the column backward at D = 128, over the 232,448 an H100 block can have (the
+    # kernel did not launch there); two need 198,656. bf16 tiles take at most 78 KB with three.
+    stages = 2 if dtype == torch.float32 else 3
     return dict(BLOCK_R=block_r or 64, BLOCK_C=block_c or 64, BLOCK_D=block_d, ONE_D_TILE=block_d >= dim,
-                UPCAST=upcast, PRECISION=precision, num_warps=4 if block_d <= 128 else 8)
+                UPCAST=upcast, PRECISION=precision, num_warps=4 if block_d <= 128 else 8, num_stages=stages)
 
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:

@@ -228,39 +228,46 @@ from triton.compiler import ASTSource
 from fastssl.kernels import info_nce as K
 assert not K.INTERPRETED
 dtype = getattr(torch, sys.argv[1])
-meta = dict(K._config(128, dtype), HAS_SELF=True)
-warps = meta.pop("num_warps")
+meta = dict(K._config(int(sys.argv[2]), dtype), HAS_SELF=True)
+options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
 ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]
 for fn in (K._fwd_kernel, K._bwd_rows_kernel, K._bwd_cols_kernel):
     names = list(inspect.signature(fn.fn).parameters)
     sig = {n: "constexpr" if n in meta else ptr if n in ("R_ptr", "C_ptr", "DR_ptr", "DC_ptr")
            else "*i64" if n in ("POS_ptr", "SELF_ptr") else "*fp32" if n.endswith("_ptr")
            else "fp32" if n == "inv_t" else "i32" for n in names}
-    triton.compile(ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in meta.items()}),
-                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
-    print("compiled", fn.__name__, flush=True)
+    kernel = triton.compile(ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in meta.items()}),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    print("compiled", fn.__name__, "shared", kernel.metadata.shared, flush=True)
 """
+H100_SHARED_BYTES = 232_448     # the most shared memory one block may have on sm_90
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the other tests run the compiled kernels")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_kernels_compile_for_sm90_without_heavy_register_spills(dtype, tmp_path):
-    """The launcher's D = 128 configuration compiled to an sm_90 cubin in a fresh process (no
-    interpreter, fresh cache), with ptxas's register report: the forward spills nothing and each
-    backward kernel at most 4 KB. The exact fp32 dot (input_precision="ieee") spilled 29 and
-    42 KB in the backward and ran 110x slower than eager PyTorch on an H100; tf32x3 spills 1.5 and
-    2.2 KB there, bf16 0.1 and 0.6 KB (Triton 3.8)."""
+@pytest.mark.parametrize("dim", [128, 256])
+def test_kernels_compile_for_sm90_within_shared_memory_and_few_spills(dtype, dim, tmp_path):
+    """The launcher's configuration compiled to an sm_90 cubin in a fresh process (no interpreter,
+    fresh cache), with ptxas's register report. Every kernel fits an H100 block's shared memory:
+    fp32 tiles in three pipeline stages needed 233,472 bytes in the column backward at D = 128,
+    and the kernel did not launch on the H100. At D = 128 the forward spills nothing and each
+    backward kernel at most 4 KB: the exact fp32 dot (input_precision="ieee") spilled 29 and 42 KB
+    in the backward and ran 110x slower than eager PyTorch on an H100; tf32x3 spills 1.5 and 2.2
+    KB there, bf16 0.1 and 0.6 KB (Triton 3.8)."""
     import re
-    run = compile_in_fresh_process(SPILL_SCRIPT, tmp_path, dtype, TRITON_DUMP_PTXAS_LOG="1")
+    run = compile_in_fresh_process(SPILL_SCRIPT, tmp_path, dtype, str(dim), TRITON_DUMP_PTXAS_LOG="1")
+    compiled = re.findall(r"^compiled (\w+) shared (\d+)", run.stdout, re.M)
+    assert [name for name, _ in compiled] == ["_fwd_kernel", "_bwd_rows_kernel", "_bwd_cols_kernel"], run.stdout[-3000:]
+    shared = {name: int(size) for name, size in compiled}
+    assert max(shared.values()) <= H100_SHARED_BYTES, shared
     # ptxas prints each kernel's report before the script's "compiled" line for it.
-    spills = dict(zip(re.findall(r"^compiled (\w+)", run.stdout, re.M),
-                      map(int, re.findall(r"(\d+) bytes spill stores", run.stdout))))
-    assert set(spills) == {"_fwd_kernel", "_bwd_rows_kernel", "_bwd_cols_kernel"}, run.stdout[-3000:]
-    assert spills["_fwd_kernel"] == 0, spills
-    assert max(spills.values()) <= 4096, spills
+    spills = dict(zip(shared, map(int, re.findall(r"(\d+) bytes spill stores", run.stdout))))
+    print(dtype, dim, "shared", shared, "spill stores", spills)
+    if dim == 128:
+        assert spills["_fwd_kernel"] == 0, spills
+        assert max(spills.values()) <= 4096, spills
 
 
-# ------------------------------------------------------------------------------- API behaviour
 def test_module_and_backends_agree():
     z1, z2 = simclr_case(9, 16)
     ref = nt_xent_reference(z1, z2, 0.2)
