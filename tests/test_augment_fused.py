@@ -222,27 +222,37 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     assert run.stdout.split().count("True") == 5, run.stdout
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compiled kernels on a realistic batch")
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_gpu_realistic_batch(out_dtype):
-    """64 images of 375 x 500 to one 224 px view each on the compiled kernels: the crop
-    against the fp64 oracle, the whole recipe against Kornia run on the CPU (on an H100 Kornia on
-    the GPU, cuDNN's TF32 off, differed from the kernels by up to 1.9e-3, three times what the
-    CPU reference does at this size), with the realistic-size tolerances of the module docstring;
-    contiguous and strided input."""
-    x = images(n=64, h=375, w=500, seed=11)
+def realistic_batch_checks(x, out_dtype):
+    """The realistic-size checks of a (N, 3, 375, 500) uint8 batch `x`, contiguous and strided,
+    to 224 px: the crop against the fp64 oracle, within 2 ulps of the largest pixel coordinate;
+    the rest of the recipe (jitter, grayscale, a 23-tap blur, solarise, normalise) against Kornia
+    run on the CPU from the same 224 px pixels (crop=False: both copy them exactly), within the
+    small tests' TOL_UNIT. Comparing the whole recipe with Kornia in one go mixes the two: the
+    crop's coordinate rounding (the kernel's 1.2 ulps of 499 px from the oracle, Kornia's
+    homography 3.8) is then scaled by the jitter's factors, brightness x contrast x saturation up
+    to 1.8^3; on an H100 4 of 9.6 million values went past the 1.4e-3 that such a test allowed."""
+    n = x.shape[0]
     ulp = 2.0 ** -15                      # of the largest pixel coordinate, 499 (in [0, 1] units)
     crop = SimCLRAugment(size=224, **IDENTITY)
-    params = crop.sample(64, torch.Generator().manual_seed(12))
-    out = crop.apply(x, params, backend="fused").double().cpu()
-    assert (out - bilinear_oracle(x, params, 224)).abs().max() <= 2 * ulp
+    params = crop.sample(n, torch.Generator().manual_seed(12))
+    for xs in (x, x[:, :, :, ::2]):
+        out = crop.apply(xs, params, backend="fused").double().cpu()
+        assert (out - bilinear_oracle(xs, params, 224)).abs().max() <= 2 * ulp
 
-    aug = SimCLRAugment(size=224, solarize_p=0.2)
-    params = aug.sample(64, torch.Generator().manual_seed(12))
-    tol = (TOL_UNIT + 10 * ulp) / min(aug.std)
+    aug = SimCLRAugment(size=224, crop=False, solarize_p=0.2)
+    params = aug.sample(n, torch.Generator().manual_seed(12))
+    assert params["blur"].any() and params["jitter"].any() and params["solarize"].any()
+    tol = TOL_UNIT / min(aug.std)
     rtol = 0.0 if out_dtype == torch.float32 else torch.finfo(out_dtype).eps
-    for xs, channels_last in ((x, True), (x[:, :, :, ::2], False)):
+    for xs, channels_last in ((x[:, :, :224, :224], True), (x[:, :, 100:324, :448:2], False)):
         ref = aug.apply(xs.cpu(), params)
         out = aug.apply(xs, params, backend="fused", out_dtype=out_dtype, channels_last=channels_last)
         assert out.device == x.device and out.dtype == out_dtype
         torch.testing.assert_close(out.float().cpu(), ref, atol=tol * (1 + rtol), rtol=rtol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compiled kernels on a realistic batch")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_realistic_batch(out_dtype):
+    """64 images of 375 x 500 on the compiled kernels (realistic_batch_checks)."""
+    realistic_batch_checks(images(n=64, h=375, w=500, seed=11), out_dtype)
