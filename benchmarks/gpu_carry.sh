@@ -12,9 +12,10 @@
 #
 #   bash benchmarks/gpu_carry.sh            # here; prints one command per device call
 #
-# On the machine every call carries its parts and starts with `source benchmarks/gpu_env.sh`,
-# which unpacks what has arrived and installs DALI once all its parts are there; the machine
-# keeps /tmp between calls only while it stays warm (30 s), so the calls follow one another.
+# On the machine every call carries its parts and runs `bash benchmarks/gpu_lease.sh N` (a 15-minute
+# lease's plan), which sources benchmarks/gpu_env.sh: it unpacks what has arrived and installs
+# DALI once all its parts are there. The machine keeps /tmp between calls only while it stays warm
+# (30 s), so the calls follow one another.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY312=${PY312:-/root/.pyenv/versions/3.12.1/bin/python}
@@ -64,10 +65,12 @@ tail -c +$((first_part + 1)) "$stage/dali.tar.xz" | split -b "$LIMIT" -a 1 --num
 echo "wrote $OUT ($(du -sh "$OUT" | cut -f1)): $(cd "$OUT" && echo *)"
 echo "device calls, one after the other (each within 30 s of the last):"
 n=0
+timeouts=(130 130 175 430)
 for part in "$OUT"/dali.p*; do
     n=$((n + 1))
     carry="\"$part\""
     [ "$n" -eq 1 ] && carry="\"$OUT/parts.txt\", \"$OUT/first.tar.gz\", $carry"
-    echo "  call $n: carry [$carry]; command: source benchmarks/gpu_env.sh && bash benchmarks/gpu_suite.sh python3 STAGES"
+    echo "  call $n: carry [$carry]; command: bash benchmarks/gpu_lease.sh $n; timeout_s ${timeouts[n - 1]:-600}"
 done
-echo "  STAGES: loss augment train in the first calls; data e2e (which need DALI) in the last"
+# gpu_lease.sh plans four calls: DALI in four parts.
+[ "$n" -eq 4 ] || echo "DALI came in $n parts, not 4: adapt benchmarks/gpu_lease.sh's calls" >&2
