@@ -15,6 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 call=${1:?usage: gpu_lease.sh CALL (1-4)}
+case $call in 1|2|3|4) ;; *) echo "gpu_lease.sh: CALL is 1, 2, 3 or 4, got '$call'" >&2; exit 2 ;; esac
 : "${OUT:?gpu_lease.sh runs on the GPU machine, where the device tool sets OUT}"
 # shellcheck source=/dev/null
 source benchmarks/gpu_env.sh
@@ -29,6 +30,5 @@ case $call in
     3) GPU_TESTS=0 E2E_LOADERS=pil E2E_TIMEOUT=150 suite 165 e2e ;;
     4) GPU_TESTS=0 LOADER_TIMEOUT=80 suite 250 data
        GPU_TESTS=0 E2E_LOADERS=dali E2E_TIMEOUT=150 suite 170 e2e ;;
-    *) echo "gpu_lease.sh: CALL is 1, 2, 3 or 4, got '$call'" >&2; exit 2 ;;
 esac
 gpu_results

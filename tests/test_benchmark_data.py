@@ -1,4 +1,5 @@
-"""benchmarks/data.py: each loader timed in a process of its own, past what it holds in flight."""
+"""benchmarks/data.py: each loader timed in a process of its own, past what it holds in flight; the
+GPU kit's shell scripts."""
 import json
 import sys
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 import data as data_benchmark  # noqa: E402
 
 
@@ -42,3 +44,22 @@ def test_a_stalled_or_failing_loader_is_stopped_and_marked(tmp_path):
     # A loader that fails (here: a batch larger than the folder) is marked, not fatal.
     r = data_benchmark.run_in_child("pil", argv + ["--batch", "64"], folder, distinct, tmp_path, timeout=120)
     assert r["status"].startswith("failed (exit code 1")
+
+
+def test_gpu_scripts_parse_and_the_lease_checks_its_call():
+    """The GPU kit's shell scripts run only on a leased GPU, so their syntax is checked here, and
+    gpu_lease.sh refuses a call it does not plan, and any call outside the GPU machine (no OUT),
+    before it installs anything."""
+    import os
+    import subprocess
+    scripts = sorted(BENCHMARKS.glob("*.sh"))
+    assert {s.name for s in scripts} >= {"gpu_carry.sh", "gpu_env.sh", "gpu_lease.sh", "gpu_suite.sh"}
+    for script in scripts:
+        run = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert run.returncode == 0, (script.name, run.stderr)
+    lease = str(BENCHMARKS / "gpu_lease.sh")
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    wrong = subprocess.run(["bash", lease, "5"], capture_output=True, text=True, env=env)
+    assert wrong.returncode == 2 and "CALL is 1, 2, 3 or 4, got '5'" in wrong.stderr
+    here = subprocess.run(["bash", lease, "1"], capture_output=True, text=True, env=env)
+    assert here.returncode != 0 and "runs on the GPU machine" in here.stderr
