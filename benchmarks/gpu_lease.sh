@@ -10,8 +10,8 @@
 #   4  data (every loader next to the PIL baseline), then e2e fed by DALI
 # Each stage stops itself before the call's limit (the limits below, 875 s in all with the
 # machine's start, within the lease's 900; on the H100 of 2026-11-26 the start took 30 s, call 1
-# 90 s, the augmentation tests 50 s); the logs and the JSON records come back in $OUT. Run the
-# calls with timeout_s 130, 130, 175 and 430.
+# 90 s, the augmentation tests 50 s); the logs and the JSON records come back in $OUT. Each call's
+# timeout_s (its limits plus 10 s) is in the list benchmarks/gpu_carry.sh prints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 call=${1:?usage: gpu_lease.sh CALL (1-4)}

@@ -341,6 +341,7 @@ def test_workers_started_by_a_forkserver_give_the_same_batches(kind, tiny, monke
 FORKSERVER_MAIN = """
 import json, os, sys
 from pathlib import Path
+from types import SimpleNamespace
 imported_before = "fastssl.data.imagefolder" in sys.modules
 import torch
 from fastssl.data import build_loader, imagefolder
@@ -349,9 +350,8 @@ if __name__ == "__mp_main__":          # this script, re-run in a worker before 
 if __name__ == "__main__":
     served = imagefolder.worker_context(torch.device("cuda"))
     imagefolder.worker_context = lambda device: served
-    cfg = json.loads(sys.argv[2])
-    cfg["workers"] = 2
-    load = build_loader(type("Config", (), cfg), sys.argv[1], size=12, batch_size=16, seed=3)
+    cfg = SimpleNamespace(**{**json.loads(sys.argv[2]), "workers": 2})
+    load = build_loader(cfg, sys.argv[1], size=12, batch_size=16, seed=3)
     load.set_epoch(0)
     batches = iter(load.loader)
     next(batches)

@@ -97,13 +97,14 @@ def worker_context(device: torch.device) -> Optional[multiprocessing.context.Bas
     pipeline was alive. The price: each worker receives the dataset pickled, once per loader.
 
     The server imports the fastssl modules this process has imported (torch and the decoders come
-    with them) before it forks any worker (those of the first call: the server starts once). Without that, each worker imported them itself: CPython
-    before 3.13.8 never preloads `__main__` into the server (python/cpython#126631), so every worker
-    re-ran the main script and its imports, about 10 s on the H100 machine; and since a worker
-    reads its pickled dataset only after that, the main process, writing it into a pipe, started
-    its 16 workers one after another and waited minutes for the first batch. Where the server
-    cannot import fastssl (CPython before 3.12.8 ignores sys.path there, python/cpython#117378:
-    a checkout that is not installed, run from another folder) workers start the slow way."""
+    with them) before it forks any worker (those of the first call: the server starts once).
+    Without that, each worker imported them itself: CPython before 3.13.8 never preloads
+    `__main__` into the server (python/cpython#126631), so every worker re-ran the main script and
+    its imports, about 10 s on the H100 machine; and since a worker reads its pickled dataset only
+    after that, the main process, writing it into a pipe, started its 16 workers one after another
+    and waited minutes for the first batch. Where the server cannot import fastssl (CPython before
+    3.12.8 ignores sys.path there, python/cpython#117378: a checkout that is not installed, run
+    from another folder) workers start the slow way."""
     if device.type != "cuda":
         return None
     context = multiprocessing.get_context("forkserver")

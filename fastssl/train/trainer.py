@@ -481,10 +481,10 @@ def evaluate(cfg: Config, model: Method, val_dir, device, random_init: bool = Tr
     for line in pretext:
         log.info(line)
     with torch.random.fork_rng(devices=[]):      # build_method seeds the global RNG
-        random_init = on_device(build_method(cfg).eval_backbone(), device)
-    results = {"knn_top1": trained, "knn_top1_random_init": knn_top1(cfg, random_init, loaders)}
+        untrained = on_device(build_method(cfg).eval_backbone(), device)
+    results = {"knn_top1": trained, "knn_top1_random_init": knn_top1(cfg, untrained, loaders)}
     if cfg.eval.random_init_bn:
-        fitted = with_estimated_batch_norm(random_init, loaders[0], eval_preprocess(cfg))
+        fitted = with_estimated_batch_norm(untrained, loaders[0], eval_preprocess(cfg))
         results["knn_top1_random_init_bn"] = knn_top1(cfg, fitted, loaders)
         log.info("kNN top-1 of random-init with batch-norm statistics of the training images: %.1f%%",
                  results["knn_top1_random_init_bn"])
