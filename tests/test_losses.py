@@ -262,7 +262,6 @@ def test_kernels_compile_for_sm90_within_shared_memory_and_few_spills(dtype, dim
     assert max(shared.values()) <= H100_SHARED_BYTES, shared
     # ptxas prints each kernel's report before the script's "compiled" line for it.
     spills = dict(zip(shared, map(int, re.findall(r"(\d+) bytes spill stores", run.stdout))))
-    print(dtype, dim, "shared", shared, "spill stores", spills)
     if dim == 128:
         assert spills["_fwd_kernel"] == 0, spills
         assert max(spills.values()) <= 4096, spills
