@@ -17,7 +17,11 @@ configured projector: ~28M parameters in 161 tensors) with the multi-tensor impl
 `--stage data --loader NAMES` compares the loaders on real JPEGs instead (benchmarks/data.py:
 images/s and busy cores of each, next to the PIL DataLoader baseline, in the same run).
 Each stage is warmed up, then timed per step: images/s over the timed steps together (a stall
-counts in full), and the per-step median, p20 and p80. The stages fed by the loader (data, train)
+counts in full), and the per-step median, p20 and p80. data, train and train-premade run as the
+trainer runs, without synchronising the device between steps (the host's intervals between steps;
+`timed`), the others with a synchronisation after each step. train also reports the share of its
+time the host spent in the loader (`data_wait_share`, as the trainer's metrics do), and train
+against train-premade gives the pipeline's efficiency. The stages fed by the loader (data, train)
 warm up past the batches it holds in flight and time at least 8 bursts of its workers' batches
 (benchmarks/data.py: `in_flight_batches`, `burst_batches`): a shorter run times batches made
 while the other stages ran. A table is printed and a JSON
@@ -47,6 +51,9 @@ from fastssl.train.trainer import (augment_generator, resolve_augment_backend, t
                                    resolve_device, resolve_precision, train_step)
 
 STAGES = ("data", "augment", "model", "loss", "optim", "train", "train-premade")
+# Timed as the trainer runs them, without synchronising the device between steps (`timed`): the
+# loader's work on the main thread overlaps the device's work, as it does in training.
+PIPELINED = ("data", "train", "train-premade")
 SIMCLR_STAGES = ("model", "loss")
 # `--stage loss-backends -- ARGS` runs the loss backends' sweep, benchmarks/loss.py ARGS.
 SWEEPS = ("loss-backends", "augment-backends")
@@ -57,19 +64,27 @@ PEAK_BF16_TFLOPS = {"nvidia-h100-80gb-hbm3": 989.0, "nvidia-h200": 989.0, "nvidi
                     "nvidia-a100-sxm4-40gb": 312.0}
 
 
-def timed(fn, steps: int, warmup: int, device: torch.device):
-    """Seconds per call of fn() for `steps` calls after `warmup` calls."""
+def timed(fn, steps: int, warmup: int, device: torch.device, pipelined: bool = False):
+    """Seconds per call of fn() for `steps` calls after `warmup` calls. The device is synchronised
+    after each call, or, `pipelined`, only after the last: the calls then run as the trainer makes
+    them, the host preparing the next step (the loader's work on the main thread included) while
+    the device still runs the last one, and the times are the host's intervals between calls (the
+    last one up to the end of the device's work), which sum to the whole span."""
+    def synchronise():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+    synchronise()
+    times, last = [], time.perf_counter()
+    for i in range(steps):
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        if not pipelined or i == steps - 1:
+            synchronise()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
     return times
 
 
@@ -109,6 +124,7 @@ def run(cfg, stages, steps: int, warmup: int):
                  for i, (aug, v) in enumerate(zip(augment.views, views))]
     projections = [torch.randn(n, cfg.model.proj_dim, device=device, requires_grad=True) for _ in range(2)]
     step = iter(range(10**9))
+    loader_seconds = []    # the host's time in the loader, per loader-fed training step
 
     def stage_data():
         next(stream)
@@ -131,7 +147,11 @@ def run(cfg, stages, steps: int, warmup: int):
 
     def stage_train(batch=None):
         """One real training step; fed by the loader, or (train-premade) by the same resident batch."""
-        batch_views, _, batch_indices = batch or next(stream)
+        if batch is None:
+            start = time.perf_counter()
+            batch = next(stream)
+            loader_seconds.append(time.perf_counter() - start)
+        batch_views, _, batch_indices = batch
         train_step(batch_views, next(step), cfg.train.seed, model=model, optimizer=optimizer, scaler=None,
                    augment=augment, augment_backend=augment_backend, device=device, autocast_dtype=autocast_dtype,
                    indices=batch_indices)
@@ -153,9 +173,14 @@ def run(cfg, stages, steps: int, warmup: int):
             if (stage_steps, stage_warmup) != (steps, warmup):
                 print(f"  {name}: {stage_warmup} warm-up and {stage_steps} timed steps ({workers} loader workers; "
                       "benchmarks/data.py in_flight_batches, burst_batches)", file=sys.stderr)
-        results[name] = summarise(timed(fns[name], stage_steps, stage_warmup, device), n)
+        times = timed(fns[name], stage_steps, stage_warmup, device, pipelined=name in PIPELINED)
+        results[name] = summarise(times, n)
+        wait = ""
+        if name == "train":    # as the trainer's metrics report it (data_wait_share)
+            results[name]["data_wait_share"] = sum(loader_seconds[-stage_steps:]) / sum(times)
+            wait = f", {100 * results[name]['data_wait_share']:.1f}% of it in the loader"
         print(f"  {name:8s} {results[name]['images_per_s']:10.1f} images/s  "
-              f"(mean {1e3 * results[name]['mean_s']:.1f} ms/batch of {n})", file=sys.stderr)
+              f"(mean {1e3 * results[name]['mean_s']:.1f} ms/batch of {n}{wait})", file=sys.stderr)
     if "train" in results and "train-premade" in results:
         # The input pipeline's efficiency: the full step against the same step on a resident batch.
         results["pipeline_efficiency"] = results["train"]["images_per_s"] / results["train-premade"]["images_per_s"]
@@ -259,7 +284,8 @@ def main(argv=None) -> int:
         print(f"{name:14s}{r['images_per_s']:12.1f}{1e3 * r['mean_s']:10.1f}{1e3 * r['median_s']:11.1f}"
               f"{1e3 * r['p20_s']:10.1f}{1e3 * r['p80_s']:10.1f}")
     if "pipeline_efficiency" in results:
-        print(f"pipeline efficiency (train / train-premade): {100 * results['pipeline_efficiency']:.1f}%")
+        print(f"pipeline efficiency (train / train-premade): {100 * results['pipeline_efficiency']:.1f}%; "
+              f"the host spent {100 * results['train']['data_wait_share']:.1f}% of train in the loader")
     if "model_flops_per_image" in results:
         peak = args.peak_tflops or PEAK_BF16_TFLOPS.get(loss_benchmark.device_slug(str(device)))
         for name in ("train", "train-premade"):

@@ -1,0 +1,53 @@
+"""benchmarks/throughput.py: the loader-fed stages timed as the trainer runs them, and the share
+of the training step the host spends in the loader."""
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import throughput  # noqa: E402
+from fastssl.config import load_config  # noqa: E402
+
+DEMO = Path(__file__).parent.parent / "configs" / "demo.yaml"
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_timed_returns_one_interval_per_step_summing_to_the_span(pipelined):
+    calls = []
+    start = time.perf_counter()
+    times = throughput.timed(lambda: calls.append(time.sleep(0.01)), 4, 2, throughput.torch.device("cpu"),
+                             pipelined=pipelined)
+    span = time.perf_counter() - start
+    assert len(calls) == 6 and len(times) == 4
+    assert all(t >= 0.01 for t in times) and sum(times) <= span
+
+
+class SlowLoader:
+    """The loader, each batch taking `delay` seconds longer to come."""
+
+    def __init__(self, loader, delay: float):
+        self.loader, self.delay = loader, delay
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_train_reports_the_hosts_time_in_the_loader(monkeypatch):
+    delay, steps = 0.3, 3
+    build = throughput.build_loader
+    monkeypatch.setattr(throughput, "build_loader", lambda *a, **k: SlowLoader(build(*a, **k), delay))
+    cfg = load_config(str(DEMO), ["train.device=cpu", "train.batch_size=8", "data.workers=0"])
+    _, results = throughput.run(cfg, ("train", "train-premade"), steps=steps, warmup=1)
+    train = results["train"]
+    # Every timed step waited `delay` in the loader at least: that much of train's span is the loader's.
+    assert train["data_wait_share"] * train["mean_s"] * steps >= delay * steps
+    assert train["data_wait_share"] <= 1.0
+    assert 0 < results["pipeline_efficiency"] < 1.0
