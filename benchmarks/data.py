@@ -23,7 +23,8 @@ so the timed span covers many bursts (`--batches`, default max(40, 8 x workers),
 same folder first (`--max-side`, default 512, `--write-mode`, default jpg, `--compress-probability`
 for `proportion`; JPEG quality 90; the conversion is timed apart), and its per-image costs are
 broken down on one thread (`ffcv_costs`): the JPEG decode against the two crops' resizes.
-A JSON record is appended to benchmarks/results/data_<device>.json.
+A JSON record is appended to benchmarks/results/data_<device>.json and rewritten after each
+loader, so that a run stopped midway keeps what it measured.
 """
 import argparse
 import faulthandler
@@ -315,7 +316,29 @@ def main(argv=None) -> int:
     src = Path(args.data)
     if not src.is_dir():
         parser.error(f"--data {src}: not a folder")
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for module in ("nvidia.dali", "ffcv", "torchvision", "PIL"):
+        if installed(module):
+            versions[module] = getattr(importlib.import_module(module), "__version__", "?")
     results = {}
+    record = {"benchmark": "data", "device": loss_benchmark.device_slug(str(device)),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(["python"] + sys.argv),
+              "git_sha": loss_benchmark.git_sha(), "versions": versions,
+              "cpu_count": os.cpu_count(), "data": str(src), "batch": args.batch, "size": args.size,
+              "workers": args.workers, "loaders": names, "results": results}
+    out = Path(args.out) if args.out else RESULTS / f"data_{record['device']}.json"
+    history = json.loads(out.read_text()) if out.exists() else []
+
+    def save():
+        """The record as it stands, written after every loader: a run stopped midway (a lease's
+        time limit) keeps the loaders it measured; `loaders` says which were planned."""
+        for r in results.values():
+            if r["status"] == "ok" and results["pil"]["status"] == "ok":
+                r["vs_pil"] = r["images_per_s"] / results["pil"]["images_per_s"]
+        partial = out.with_name(out.name + ".partial")     # renamed over `out` once whole
+        partial.write_text(json.dumps(history + [record], indent=1) + "\n")
+        partial.replace(out)
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print(f"{len(names)} loaders, each in its own process: batch {args.batch}, {args.workers} workers, {device}",
@@ -333,31 +356,17 @@ def main(argv=None) -> int:
                 print(f"{name:14s}{r['images_per_s']:9.1f} images/s  {r['cores_busy']:5.2f} cores busy", flush=True)
             else:
                 print(f"{name:14s} {r['status']}", flush=True)
+            save()
+    print(f"wrote {out}")
     if results["pil"]["status"] != "ok":
-        print(f"the pil baseline {results['pil']['status']}: no comparison written", file=sys.stderr)
+        print(f"the pil baseline {results['pil']['status']}: no comparison", file=sys.stderr)
         return 1
-    base = results["pil"]["images_per_s"]
     print("\nimages/s, two views of %d px, batch %d, %d workers, %s:" % (args.size, args.batch, args.workers, device))
     for name, r in results.items():
         if r["status"] != "ok":
             print(f"  {name:14s} {r['status']}")
             continue
-        r["vs_pil"] = r["images_per_s"] / base
         print(f"  {name:14s}{r['images_per_s']:9.1f}  {r['vs_pil']:5.2f}x pil  {r['cores_busy']:5.2f} cores")
-
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
-    for module in ("nvidia.dali", "ffcv", "torchvision", "PIL"):
-        if installed(module):
-            versions[module] = getattr(importlib.import_module(module), "__version__", "?")
-    record = {"benchmark": "data", "device": loss_benchmark.device_slug(str(device)),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(["python"] + sys.argv),
-              "git_sha": loss_benchmark.git_sha(), "versions": versions,
-              "cpu_count": os.cpu_count(), "data": str(src), "batch": args.batch, "size": args.size,
-              "workers": args.workers, "results": results}
-    out = Path(args.out) if args.out else RESULTS / f"data_{record['device']}.json"
-    history = json.loads(out.read_text()) if out.exists() else []
-    out.write_text(json.dumps(history + [record], indent=1) + "\n")
-    print(f"\nwrote {out}")
     return 0
 
 

@@ -63,3 +63,27 @@ def test_gpu_scripts_parse_and_the_lease_checks_its_call():
     assert wrong.returncode == 2 and "CALL is 1, 2, 3 or 4, got '5'" in wrong.stderr
     here = subprocess.run(["bash", lease, "1"], capture_output=True, text=True, env=env)
     assert here.returncode != 0 and "runs on the GPU machine" in here.stderr
+
+
+def test_the_record_is_written_after_each_loader(tmp_path, monkeypatch):
+    """A run stopped after its first loader (a lease's time limit, Ctrl-C) keeps that loader's numbers."""
+    src, out = jpegs(tmp_path / "photos", 6), tmp_path / "data.json"
+    measured = {"images_per_s": 100.0, "cores_busy": 1.0, "status": "ok"}
+
+    def run_in_child(name, *args):
+        if name != "pil":
+            raise KeyboardInterrupt
+        return dict(measured)
+
+    monkeypatch.setattr(data_benchmark, "run_in_child", run_in_child)
+    monkeypatch.setattr(data_benchmark, "NEEDS", {})        # ffcv counts as installed here
+    argv = ["--loader", "pil,ffcv", "--data", str(src), "--batch", "4", "--size", "16", "--workers", "1",
+            "--out", str(out), "train.device=cpu"]
+    try:
+        data_benchmark.main(argv)
+    except KeyboardInterrupt:
+        pass
+    (record,) = json.loads(out.read_text())
+    assert record["loaders"] == ["pil", "ffcv"] and list(record["results"]) == ["pil"]
+    assert record["results"]["pil"] == {**measured, "vs_pil": 1.0}
+    assert not (tmp_path / "data.json.partial").exists()
