@@ -13,7 +13,7 @@ from PIL import Image
 pytest.importorskip("nvidia.dali")
 
 from fastssl.data import ImageFolderLoader, ViewCrop, ensure_embedded_dataset  # noqa: E402
-from fastssl.data.dali_loader import DaliLoader  # noqa: E402
+from fastssl.data.dali_loader import AHEAD, DaliLoader  # noqa: E402
 from fastssl.data.encoded import read_encoded  # noqa: E402
 
 # Multi-crop: a large and a small view of different sizes (the 16-px images are up- and downscaled).
@@ -106,6 +106,20 @@ def test_resume_and_restart_give_the_uninterrupted_batches(train_dir):
     again = list(loader)
     assert len(again) == 5 and all(same(a, b) for a, b in zip(again, full))
     assert not same(epoch(loader, e=3)[0], full[0])
+
+
+def test_batches_read_in_place_are_held_until_ahead_more_are_collected(train_dir):
+    # DALI reads each batch's file bytes where they are (no_copy): freed too early, they could be
+    # overwritten while a run still reads them.
+    loader = DaliLoader(train_dir, size=12, batch_size=32, seed=1, workers=0)
+    loader.set_epoch(0)
+    yielded = []
+    for _, _, indices in loader:
+        yielded.append(indices)
+        held = [batch.indices for batch, _ in loader.collected]
+        assert len(held) == min(len(yielded), AHEAD)
+        assert all(torch.equal(h, y) for h, y in zip(held, yielded[-AHEAD:]))
+    assert len(yielded) == 5
 
 
 def test_unknown_decode_mode_is_rejected(train_dir):

@@ -20,6 +20,12 @@ submit a batch (a pipelined executor prefetches on the first run, before the bat
 a finite epoch ends cleanly; an iteration abandoned midway leaves queued runs, and the next one
 starts on a new pipeline. Outputs reach PyTorch through DLPack without a copy (DALI's default
 executor never reuses an output buffer that is still referenced), ordered on the current CUDA stream.
+The file bytes go in without a copy either (`no_copy`): DALI reads them where the workers left
+them (the batch's shared-memory block; pinned when the DataLoader pins for a GPU), which saves
+the main thread 40 of its 45 ms per batch of 256 ImageNet photos (2-core CPU). A batch is
+released only once AHEAD more runs have been collected after its own (the margin DALI's
+documentation asks for) and, on a GPU, once its run's work, which the current stream waits for,
+is done (`hold`).
 
 A file that passes the workers' quick check but fails in DALI's decoder fails the whole batch,
 and DALI declares the pipeline invalid: it is rebuilt, and the batch's images are decoded one at
@@ -60,7 +66,7 @@ def dali_pipeline(views, batch_size: int, threads: int, device_id, decode: str):
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, exec_dynamic=True,
                   exec_pipelined=False, exec_async=True, prefetch_queue_depth=AHEAD)
     def graph():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)   # see the docstring
         image = fn.decoders.image(encoded, **decoder) if decode == "once" else None
         out = []
         for v, view in enumerate(views):
@@ -93,6 +99,7 @@ class DaliLoader(EncodedFolderLoader):
         super().__init__(root, workers=workers, **kwargs)
         self.decode, self.threads = decode, max(1, workers)
         self.pipe, self.in_flight = None, 0
+        self.collected = deque()   # (batch, its run's end on the current stream): DALI read them in place
 
     def __iter__(self):
         if self.in_flight:         # an earlier iteration stopped early: its queued runs would come out first
@@ -164,7 +171,22 @@ class DaliLoader(EncodedFolderLoader):
             views = self.outputs()
             for _, later in pending:
                 self.feed(later)
+        self.hold(batch)
         return views, batch.labels.to(self.device, non_blocking=True), batch.indices.to(self.device, non_blocking=True)
+
+    def hold(self, batch: EncodedBatch) -> None:
+        """Keep `batch`, whose bytes DALI read in place, until AHEAD more batches are collected and
+        (on a GPU) the current stream has passed the end of its run: DALI's copies of the bytes
+        to the device may still be queued when `outputs` returns."""
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+        self.collected.append((batch, done))
+        if len(self.collected) > AHEAD:
+            released, done = self.collected.popleft()     # freed when this returns
+            if done is not None:
+                done.synchronize()      # long past in practice: two batches of training ago
 
     def decodes(self, batch: EncodedBatch, j: int) -> bool:
         """Whether DALI decodes image j of `batch` alone (nothing else may be queued)."""
