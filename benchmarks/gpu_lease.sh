@@ -2,16 +2,19 @@
 # One call of a 15-minute GPU lease: bash benchmarks/gpu_lease.sh CALL (1 to 4), on the GPU machine,
 # from the checkout's root, each call carrying its part of .gpu_carry/ (benchmarks/gpu_carry.sh
 # packs them here and prints the four calls). The calls follow one another within the machine's
-# 30 s of warmth (it keeps /tmp/carry between them) and split the suite so that the stages that
-# need DALI run once its last part has arrived:
-#   1  loss: its GPU tests and the sweep at 2N = 4,096 / 16,384 / 65,536, D = 128, fp32 and bf16
-#   2  augment: its GPU tests and both recipes' benchmarks
-#   3  e2e fed by the PIL DataLoader (no DALI needed)
-#   4  data (every loader next to the PIL baseline), then e2e fed by DALI
-# Each stage stops itself before the call's limit (the limits below, 875 s in all with the
-# machine's start, within the lease's 900; on the H100 of 2026-11-26 the start took 30 s, call 1
-# 90 s, the augmentation tests 50 s); the logs and the JSON records come back in $OUT. Each call's
-# timeout_s (its limits plus 10 s) is in the list benchmarks/gpu_carry.sh prints.
+# 30 s of warmth (it keeps /tmp/carry between them); DALI is installed once its last part arrives
+# (call 4), so the plan puts issue 5's questions there and at the start:
+#   1  e2e: SimCLR ResNet-50 fed by the PIL DataLoader (does the step wait for data?)
+#   2  loss: its GPU tests and the sweep at 2N = 16,384, D = 128, bf16 and fp32
+#   3  nothing but DALI's third part (the augmentation, unchanged since run 4, passed its tests)
+#   4  DALI's GPU tests, the loaders' comparison (every loader next to the PIL baseline), then
+#      e2e fed by DALI
+# Each stage stops itself before the call's limit (the limits below, 730 s; with the machine's
+# start, the calls' overhead and DALI's install about 815 s, within the lease's 900). Seen on the
+# H100 of 2026-11-26 (run 4): the start 30 s, a call's overhead 7 s, installing DALI about 25 s,
+# the loss tests 60 s, an e2e run 115 s, each loader of the comparison about 50 s. The logs and
+# the JSON records come back in $OUT (the data benchmark writes its record after each loader).
+# Each call's timeout_s (its limits plus 10 s) is in the list benchmarks/gpu_carry.sh prints.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 call=${1:?usage: gpu_lease.sh CALL (1-4)}
@@ -25,10 +28,12 @@ suite() {   # suite SECONDS STAGE...: gpu_suite.sh's stages, stopped after SECON
     timeout -k 5 "$seconds" bash benchmarks/gpu_suite.sh python3 "$@" 2>&1 | tee -a "$OUT/lease_call$call.log"
 }
 case $call in
-    1) LOSS_ARGS="--sizes 4096 16384 65536 --dims 128 --dtypes float32 bfloat16 --impls triton torch" suite 120 loss ;;
-    2) suite 120 augment ;;
-    3) GPU_TESTS=0 E2E_LOADERS=pil E2E_TIMEOUT=150 suite 165 e2e ;;
-    4) GPU_TESTS=0 LOADER_TIMEOUT=80 suite 250 data
-       GPU_TESTS=0 E2E_LOADERS=dali E2E_TIMEOUT=150 suite 170 e2e ;;
+    1) GPU_TESTS=0 E2E_LOADERS=pil E2E_TIMEOUT=150 suite 165 e2e ;;
+    2) LOSS_ARGS="--sizes 16384 --dims 128 --dtypes bfloat16 float32 --impls triton torch" suite 90 loss ;;
+    3) echo "gpu_lease.sh: call 3 carries DALI's third part" ;;
+    4) timeout -k 5 40 env -u TRITON_INTERPRET python3 -m pytest -q -rs -p no:cacheprovider tests/test_data_dali.py 2>&1 \
+           | tee -a "$OUT/lease_call$call.log"
+       GPU_TESTS=0 LOADER_TIMEOUT=70 suite 280 data
+       GPU_TESTS=0 E2E_LOADERS=dali E2E_TIMEOUT=140 suite 150 e2e ;;
 esac
 gpu_results
