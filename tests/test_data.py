@@ -151,6 +151,9 @@ def test_quick_check_finds_cut_files_and_passes_whole_ones(tmp_path):
         data = whole[name]
         for cut in (len(data) // 8, len(data) // 2, len(data) - 3):
             assert "truncated JPEG" in image_problem(data[:cut]), (name, cut)
+        assert image_problem(data + b"\x00" * 16) is None, name        # padding after the end marker
+    headers_only = whole["baseline"][:whole["baseline"].find(b"\xff\xda")] + b"\xff\xd9"
+    assert "truncated JPEG" in image_problem(headers_only)             # an end marker but no scan
     assert "truncated PNG" in image_problem(whole["png"][:-40])
     assert image_problem(b"") == "empty file"
     assert image_problem(b"<html>oops</html>").startswith("not an image")

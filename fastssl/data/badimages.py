@@ -46,9 +46,15 @@ def image_problem(data: bytes) -> Optional[str]:
     # In a JPEG's entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so an
     # end-of-image marker (FFD9) after the last start-of-scan (FFDA) means the last scan is whole.
     # An embedded EXIF thumbnail ends with its own FFD9, but before the main image's scans.
+    # Most files end with that marker: then any scan is before it, and a search from the start
+    # finds one in the headers' first kilobytes (rfind would read the whole file back to it).
     if kind == "jpeg":
-        last_scan = data.rfind(b"\xff\xda")
-        if last_scan < 0 or data.rfind(b"\xff\xd9") < last_scan:
+        if data.endswith(b"\xff\xd9"):
+            whole = data.find(b"\xff\xda") >= 0
+        else:
+            last_scan = data.rfind(b"\xff\xda")
+            whole = last_scan >= 0 and data.rfind(b"\xff\xd9") > last_scan
+        if not whole:
             return "truncated JPEG (no end-of-image marker after the last scan)"
     if kind == "png" and b"IEND" not in data[-64:]:
         return "truncated PNG (no IEND chunk at the end)"
