@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastssl.data import CLASSES, ImageFolderLoader, ensure_embedded_dataset, load_rgb, scan_image_folder
+from fastssl.data import CLASSES, ImageFolderLoader, ViewCrop, ensure_embedded_dataset, load_rgb, scan_image_folder
 from fastssl.data.badimages import image_format, image_problem
-from fastssl.data.crops import crop_boxes, sample_crop_params
+from fastssl.data.crops import crop_box_pixels, crop_boxes, sample_crop_params, view_boxes
 
 
 
@@ -125,6 +125,20 @@ def test_crop_boxes_respect_scale_ratio_and_bounds():
     # boxes too large for a thin image are clamped to it
     thin = crop_boxes(params, 10, 400)
     assert thin[:, 3].max() <= 10 and (thin[:, 1] >= 0).all()
+
+
+def test_view_boxes_are_the_per_view_formula_from_the_same_draws():
+    # The loaders' workers draw all of an image's views at once; the boxes must be those of the
+    # per-view functions (which the GPU augmentation also uses), to the pixel.
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        views = [ViewCrop(224, tuple(sorted(rng.uniform(0.01, 1.0, 2))), tuple(sorted(rng.uniform(0.3, 3.0, 2))))
+                 for _ in range(int(rng.choice([1, 2, 3, 12])))]
+        height, width, seed = int(rng.integers(1, 4000)), int(rng.integers(1, 4000)), int(rng.integers(2**40))
+        gen = torch.Generator().manual_seed(seed)
+        expected = [crop_box_pixels(crop_boxes(sample_crop_params(1, v.scale, v.ratio, gen), height, width)[0])
+                    for v in views]
+        assert view_boxes(views, height, width, torch.Generator().manual_seed(seed)) == expected, trial
 
 
 def test_quick_check_finds_cut_files_and_passes_whole_ones(tmp_path):

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fastssl.data.badimages import BadImage, image_format, load_readable, read_image_bytes, stop_on
-from fastssl.data.crops import crop_box_pixels, crop_boxes, sample_crop_params
+from fastssl.data.crops import view_boxes
 from fastssl.data.imagefolder import ImageFolderLoader, decode_rgb
 
 
@@ -83,9 +83,7 @@ class EncodedDataset(Dataset):
         (data, height, width), index, skipped = load_readable(
             self.samples, index, lambda i: read_encoded(self.samples[i][0]), self.on_bad_image)
         if self.train:
-            gen = torch.Generator().manual_seed(seed)
-            boxes = [crop_box_pixels(crop_boxes(sample_crop_params(1, v.scale, v.ratio, gen), height, width)[0])
-                     for v in self.views]
+            boxes = view_boxes(self.views, height, width, torch.Generator().manual_seed(seed))
         else:
             boxes = [centre_box(height, width)]
         path, label = self.samples[index]

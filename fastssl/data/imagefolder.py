@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fastssl.data.badimages import BadImage, SkippedImages, load_readable, read_image_bytes
-from fastssl.data.crops import crop_box_pixels, crop_boxes, sample_crop_params
+from fastssl.data.crops import view_boxes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 log = logging.getLogger("fastssl.data")
@@ -138,11 +138,9 @@ class MultiViewDataset(Dataset):
         index, seed = index_and_seed
         img, index, skipped = load_readable(self.samples, index, lambda i: load_rgb(self.samples[i][0]),
                                             self.on_bad_image)
-        gen = torch.Generator().manual_seed(seed)
-        out = []
-        for view in self.views:
-            box = crop_boxes(sample_crop_params(1, view.scale, view.ratio, gen), img.height, img.width)[0]
-            out.append(to_uint8_chw(img.resize((view.size, view.size), Image.BILINEAR, box=crop_box_pixels(box))))
+        boxes = view_boxes(self.views, img.height, img.width, torch.Generator().manual_seed(seed))
+        out = [to_uint8_chw(img.resize((view.size, view.size), Image.BILINEAR, box=box))
+               for view, box in zip(self.views, boxes)]
         return out, self.samples[index][1], index, skipped
 
 
