@@ -184,9 +184,10 @@ class DaliLoader(EncodedFolderLoader):
             done.record(torch.cuda.current_stream(self.device))
         self.collected.append((batch, done))
         if len(self.collected) > AHEAD:
-            released, done = self.collected.popleft()     # freed when this returns
+            _, done = self.collected[0]
             if done is not None:
                 done.synchronize()      # long past in practice: two batches of training ago
+            self.collected.popleft()
 
     def decodes(self, batch: EncodedBatch, j: int) -> bool:
         """Whether DALI decodes image j of `batch` alone (nothing else may be queued)."""
