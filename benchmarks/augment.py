@@ -20,12 +20,12 @@ implementation: the drawn crop boxes' input pixels read once plus the views writ
 On the CPU the defaults are small (batch 16, 64 px views, 187 x 250 input) and ``fused`` runs
 only under TRITON_INTERPRET=1 (Triton's interpreter: a correctness path, not a speed).
 Results: JSON under benchmarks/results/augment_[<recipe>_]<device-slug>.json (recipe only when
-not simclr) with the command line.
-``run(args)`` returns the records; ``main(argv)`` is the CLI (also usable from throughput.py).
+not simclr) with the command line, rewritten after each implementation (``loss.record_writer``):
+a run stopped midway keeps what it measured. ``run(args, add)`` hands each record to ``add``;
+``main(argv)`` is the CLI (also usable from throughput.py) and returns the records.
 """
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 sys.path[:0] = [p for p in (ROOT, os.path.dirname(os.path.abspath(__file__))) if p not in sys.path]
 
-from loss import _summary, device_slug  # noqa: E402  (benchmarks/loss.py)
+from loss import _summary, device_slug, record_writer  # noqa: E402  (benchmarks/loss.py)
 
 IMPLS = ("fused", "kornia", "torchvision", "triton_augment", "cvcuda")
 
@@ -118,7 +118,8 @@ def compulsory_bytes(mv, params, height, width, in_bytes, out_bytes):
     return total
 
 
-def run(args):
+def run(args, add):
+    """Time every implementation of ``args.impls``, handing each record to ``add``."""
     import torch
     from fastssl.augment import RECIPES, MultiViewAugment
     out_dtype = getattr(torch, args.out_dtype)
@@ -128,7 +129,6 @@ def run(args):
                            generator=g).to(args.device)
     nbytes = compulsory_bytes(mv, mv.sample(args.batch, torch.Generator().manual_seed(0)), args.height,
                               args.width, 1, out_dtype.itemsize)
-    records = []
     for name in args.impls:
         rec = {"impl": name, "batch": args.batch, "views": len(mv), "size": args.size,
                "input": [args.height, args.width], "out_dtype": args.out_dtype, "recipe": args.recipe}
@@ -136,7 +136,7 @@ def run(args):
             fn = make_impl(name, mv, images, out_dtype, torch.Generator().manual_seed(0))
         except RuntimeError as e:
             rec["note"] = str(e)
-            records.append(rec)
+            add(rec)
             _print_record(rec)
             continue
         t = time_fn(fn, args.device, args.reps, args.warmup)
@@ -146,9 +146,8 @@ def run(args):
             rec["note"] = "Triton interpreter (TRITON_INTERPRET=1): correctness path, not a speed"
         if args.bandwidth_gbs:
             rec["pct_of_bandwidth"] = 100 * rec["gb_per_s"] / args.bandwidth_gbs
-        records.append(rec)
+        add(rec)
         _print_record(rec)
-    return records
 
 
 def _print_record(rec):
@@ -192,10 +191,8 @@ def main(argv=None):
     import torch
     if args.device == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
-    records = run(args)
     recipe = "" if args.recipe == "simclr" else f"{args.recipe}_"
     out = args.out or os.path.join(RESULTS, f"augment_{recipe}{device_slug(args.device)}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     meta = {"command": " ".join(["python", "benchmarks/augment.py"] + argv),
             "env": {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")},
             "device": args.device, "device_slug": device_slug(args.device), "torch": torch.__version__,
@@ -203,8 +200,8 @@ def main(argv=None):
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "bandwidth_gbs": args.bandwidth_gbs,
             "bytes_convention": "crop boxes' input pixels read once (uint8) + views written (out dtype)"}
-    with open(out, "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
+    records, add = record_writer(out, meta)
+    run(args, add)
     print(f"wrote {out}")
     return records
 

@@ -12,8 +12,10 @@ a fresh subprocess, so the peak resident set (VmHWM) belongs to that configurati
 reference gets an address-space limit (``--ref-mem-limit-gb``) so that sizes it cannot hold
 fail cleanly instead of swapping the machine.
 
-Results: JSON under benchmarks/results/loss_<device-slug>.json (with the command line).
-``run(args)`` returns the records; ``main(argv)`` is the CLI (also used by throughput.py).
+Results: JSON under benchmarks/results/loss_<device-slug>.json (with the command line), rewritten
+after each record (``record_writer``): a sweep stopped midway keeps what it measured.
+``run(args, add)`` hands each record to ``add``; ``main(argv)`` is the CLI (also used by
+throughput.py) and returns the records.
 """
 import argparse
 import json
@@ -150,8 +152,7 @@ def cpu_worker(impl: str, n2: int, d: int, reps: int, warmup: int, temperature: 
     print(json.dumps(rec))
 
 
-def run_cpu(args):
-    records = []
+def run_cpu(args, add):
     for n2 in args.sizes:
         for impl in args.impls:
             reps = args.reps if n2 <= args.big else 1
@@ -171,9 +172,8 @@ def run_cpu(args):
             else:
                 rec = json.loads(lines[-1])
             rec["wall_s"] = round(time.time() - t0, 1)
-            records.append(rec)
+            add(rec)
             _print_record(rec)
-    return records
 
 
 # ------------------------------------------------------------------------------------- GPU path
@@ -257,20 +257,19 @@ def _gpu_one(impl, n2, d, dtype_name, args):
     return rec
 
 
-def run_gpu(args):
+def run_gpu(args, add):
     import torch
     args.gpu_mem_bytes = torch.cuda.get_device_properties(0).total_memory
     args.cublas_tflops = cublas_reference_tflops()
     print(f"cuBLAS bf16 8192^3: {args.cublas_tflops:.1f} TFLOP/s")
-    records = [{"impl": "cublas_bf16_8192", "status": "ok", "tflops": args.cublas_tflops}]
+    add({"impl": "cublas_bf16_8192", "status": "ok", "tflops": args.cublas_tflops})
     for dtype_name in args.dtypes:
         for d in args.dims:
             for n2 in args.sizes:
                 for impl in args.impls:
                     rec = _gpu_one(impl, n2, d, dtype_name, args)
-                    records.append(rec)
+                    add(rec)
                     _print_record(rec)
-    return records
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -329,9 +328,26 @@ def _meminfo_gb(field):
     return None
 
 
-def run(args):
-    """Run the sweep described by parsed ``args``; returns the list of result records."""
-    return run_cpu(args) if args.device == "cpu" else run_gpu(args)
+def run(args, add):
+    """Run the sweep described by parsed ``args``, handing each result record to ``add``."""
+    return run_cpu(args, add) if args.device == "cpu" else run_gpu(args, add)
+
+
+def record_writer(out: str, meta: dict):
+    """(records, add): add(record) appends to `records` and rewrites `out` as {"meta", "records"}
+    (through a renamed .partial file), so that a sweep stopped midway (a lease's time limit)
+    keeps every record it finished."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    records = []
+
+    def add(record):
+        records.append(record)
+        partial = out + ".partial"
+        with open(partial, "w") as f:
+            json.dump({"meta": meta, "records": records}, f, indent=1)
+        os.replace(partial, out)
+
+    return records, add
 
 
 def main(argv=None):
@@ -341,10 +357,8 @@ def main(argv=None):
         cpu_worker(args.impl, args.sizes[0], args.dims[0], args.reps, args.warmup, args.temperature,
                    args.ref_mem_limit_gb)
         return None
-    records = run(args)
     import torch
     out = args.out or os.path.join(RESULTS, f"loss_{device_slug(args.device)}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     meta = {"command": " ".join(["python", "benchmarks/loss.py"] + argv),
             "device": args.device, "device_slug": device_slug(args.device),
             "torch": torch.__version__, "cpu_count": os.cpu_count(),
@@ -354,8 +368,8 @@ def main(argv=None):
     if args.device == "cpu":
         meta["ref_mem_limit_gb"] = args.ref_mem_limit_gb
         meta["mem_available_gb"] = _meminfo_gb("MemAvailable")
-    with open(out, "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
+    records, add = record_writer(out, meta)
+    run(args, add)
     print(f"wrote {out}")
     return records
 

@@ -251,7 +251,8 @@ def main(argv=None) -> int:
     sweep_args = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if args.stage in SWEEPS:
-        return {"loss-backends": loss_benchmark, "augment-backends": augment_benchmark}[args.stage].main(sweep_args)
+        {"loss-backends": loss_benchmark, "augment-backends": augment_benchmark}[args.stage].main(sweep_args)
+        return 0
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     cfg = load_config(args.config, args.overrides)

@@ -1,5 +1,6 @@
 """benchmarks/throughput.py: the loader-fed stages timed as the trainer runs them, and the share
 of the training step the host spends in the loader."""
+import json
 import sys
 import time
 from pathlib import Path
@@ -51,3 +52,13 @@ def test_train_reports_the_hosts_time_in_the_loader(monkeypatch):
     assert train["data_wait_share"] * train["mean_s"] * steps >= delay * steps
     assert train["data_wait_share"] <= 1.0
     assert 0 < results["pipeline_efficiency"] < 1.0
+
+
+def test_a_sweep_stage_exits_zero_and_writes_its_records(tmp_path):
+    # `--stage loss-backends -- ARGS` runs benchmarks/loss.py, whose main returns its records: the
+    # command's exit status is still 0 (sys.exit of a list would print it and exit 1).
+    out = tmp_path / "loss.json"
+    argv = ["--stage", "loss-backends", "--", "--device", "cpu", "--sizes", "256", "--impls", "torch",
+            "--out", str(out)]
+    assert throughput.main(argv) == 0
+    assert [r["impl"] for r in json.loads(out.read_text())["records"]] == ["torch"]
