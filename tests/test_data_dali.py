@@ -119,7 +119,16 @@ def test_batches_read_in_place_are_held_until_ahead_more_are_collected(train_dir
         held = [batch.indices for batch, _ in loader.collected]
         assert len(held) == min(len(yielded), AHEAD)
         assert all(torch.equal(h, y) for h, y in zip(held, yielded[-AHEAD:]))
+        # the batch submitted ahead (DALI may be reading it) is kept too, until the epoch's end
+        assert len(loader.fed) == (1 if len(yielded) < 5 else 0)
     assert len(yielded) == 5
+    # An iteration abandoned with a run queued: its batch is released with the pipeline, not before.
+    loader.set_epoch(1)
+    abandoned = iter(loader)
+    next(abandoned)
+    assert len(loader.fed) == 1
+    next(iter(loader))
+    assert loader.pipe is not None and len(loader.fed) == 1 and len(loader.collected) == 1
 
 
 def test_unknown_decode_mode_is_rejected(train_dir):

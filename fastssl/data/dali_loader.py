@@ -22,10 +22,11 @@ starts on a new pipeline. Outputs reach PyTorch through DLPack without a copy (D
 executor never reuses an output buffer that is still referenced), ordered on the current CUDA stream.
 The file bytes go in without a copy either (`no_copy`): DALI reads them where the workers left
 them (the batch's shared-memory block; pinned when the DataLoader pins for a GPU), which saves
-the main thread 40 of its 45 ms per batch of 256 ImageNet photos (2-core CPU). A batch is
-released only once AHEAD more runs have been collected after its own (the margin DALI's
-documentation asks for) and, on a GPU, once its run's work, which the current stream waits for,
-is done (`hold`).
+the main thread 40 of its 45 ms per batch of 256 ImageNet photos (2-core CPU). So the loader
+keeps every batch it fed: until AHEAD more runs have been collected after its own (the margin
+DALI's documentation asks for) and, on a GPU, its run's work, which the current stream waits for,
+is done (`hold`); the batches of a dropped pipeline (an abandoned iteration, a decoder error)
+until it is gone and, on a GPU, the device has finished its copies (`drop_pipeline`).
 
 A file that passes the workers' quick check but fails in DALI's decoder fails the whole batch,
 and DALI declares the pipeline invalid: it is rebuilt, and the batch's images are decoded one at
@@ -98,11 +99,12 @@ class DaliLoader(EncodedFolderLoader):
             raise ValueError(f"data.dali_decode: unknown mode {decode!r}; choose one of {', '.join(DECODE_MODES)}")
         super().__init__(root, workers=workers, **kwargs)
         self.decode, self.threads = decode, max(1, workers)
-        self.pipe, self.in_flight = None, 0
+        self.pipe = None
+        self.fed = deque()         # the batches of the runs queued in self.pipe, oldest first
         self.collected = deque()   # (batch, its run's end on the current stream): DALI read them in place
 
     def __iter__(self):
-        if self.in_flight:         # an earlier iteration stopped early: its queued runs would come out first
+        if self.fed:               # an earlier iteration stopped early: its queued runs would come out first
             self.drop_pipeline()
         pending = deque()          # (batch number in this iteration, EncodedBatch) submitted, oldest first
         for k, batch in enumerate(self.encoded_batches()):
@@ -114,8 +116,14 @@ class DaliLoader(EncodedFolderLoader):
 
     def drop_pipeline(self) -> None:
         """Drop the pipeline (a new one is built on the next submit): after a decoder error DALI
-        says the pipeline object is no longer valid, and its queued runs are lost with it."""
-        self.pipe, self.in_flight = None, 0
+        says the pipeline object is no longer valid, and its queued runs are lost with it. The
+        batches it read in place are released once it is gone (its executor stopped) and, on a
+        GPU, the device is idle (no copy from them is left in flight)."""
+        self.pipe = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.fed.clear()
+        self.collected.clear()
 
     def feed(self, batch: EncodedBatch) -> None:
         """Queue one run of the pipeline on `batch` (building it first if needed)."""
@@ -138,14 +146,14 @@ class DaliLoader(EncodedFolderLoader):
             self.pipe.feed_input(f"start{v}", start.float().numpy())
             self.pipe.feed_input(f"end{v}", end.float().numpy())
         self.pipe.schedule_run()
-        self.in_flight += 1
+        self.fed.append(batch)
 
     def outputs(self):
         """The oldest queued run's views, as uint8 (N, 3, S_v, S_v) tensors on the device."""
         cuda = self.device.type == "cuda"
         stream = torch.cuda.current_stream(self.device) if cuda else None
         outs = self.pipe.outputs(stream)           # DALI's errors surface here, as RuntimeError
-        self.in_flight -= 1
+        self.hold(self.fed.popleft())
         if not cuda:
             return [torch.from_dlpack(out.as_tensor()) for out in outs]
         with torch.cuda.device(self.device):
@@ -171,13 +179,12 @@ class DaliLoader(EncodedFolderLoader):
             views = self.outputs()
             for _, later in pending:
                 self.feed(later)
-        self.hold(batch)
         return views, batch.labels.to(self.device, non_blocking=True), batch.indices.to(self.device, non_blocking=True)
 
     def hold(self, batch: EncodedBatch) -> None:
-        """Keep `batch`, whose bytes DALI read in place, until AHEAD more batches are collected and
-        (on a GPU) the current stream has passed the end of its run: DALI's copies of the bytes
-        to the device may still be queued when `outputs` returns."""
+        """Keep `batch`, whose run's outputs were just collected, until AHEAD more runs are
+        collected and (on a GPU) the current stream has passed the end of its run: DALI's copies
+        of its bytes to the device may still be queued when `outputs` returns."""
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
