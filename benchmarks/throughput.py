@@ -26,7 +26,8 @@ warm up past the batches it holds in flight and time at least 8 bursts of its wo
 (benchmarks/data.py: `in_flight_batches`, `burst_batches`): a shorter run times batches made
 while the other stages ran. A table is printed and a JSON
 record (device, versions, git sha, config, command, numbers) is appended to
-benchmarks/results/throughput_<device>.json.
+benchmarks/results/throughput_<device>.json, and rewritten after each stage: a run stopped midway
+keeps the stages it timed.
 """
 import argparse
 import json
@@ -97,7 +98,8 @@ def summarise(times, images_per_call: int):
             "images_per_s": images_per_call / mean}
 
 
-def run(cfg, stages, steps: int, warmup: int):
+def run(cfg, stages, steps: int, warmup: int, on_stage=None):
+    """(device, results) of timing `stages`; `on_stage(results)` after each stage."""
     device = resolve_device(cfg.train.device)
     autocast_dtype, _ = resolve_precision(cfg.train.precision, device)
     train_dir, _ = resolve_paths(cfg.data)
@@ -181,6 +183,8 @@ def run(cfg, stages, steps: int, warmup: int):
             wait = f", {100 * results[name]['data_wait_share']:.1f}% of it in the loader"
         print(f"  {name:8s} {results[name]['images_per_s']:10.1f} images/s  "
               f"(mean {1e3 * results[name]['mean_s']:.1f} ms/batch of {n}{wait})", file=sys.stderr)
+        if on_stage:
+            on_stage(results)
     if "train" in results and "train-premade" in results:
         # The input pipeline's efficiency: the full step against the same step on a resident batch.
         results["pipeline_efficiency"] = results["train"]["images_per_s"] / results["train-premade"]["images_per_s"]
@@ -265,6 +269,7 @@ def main(argv=None) -> int:
             parser.error(f"--stage {args.stage} times SimCLR's pieces; method {cfg.method.name} is timed by "
                          "--stage train and train-premade")
         stages = tuple(s for s in stages if s not in SIMCLR_STAGES)
+    save = record_saver(args, argv, cfg, resolve_device(cfg.train.device))
     if args.stage == "optim-compare":
         device, results = optim_compare(cfg, args.steps, args.warmup)
         print(f"\nLARS step, resnet50 + projector parameters, on {loss_benchmark.device_slug(str(device))}")
@@ -274,8 +279,9 @@ def main(argv=None) -> int:
                       f"p80 {1e3 * r['p80_s']:.2f})")
         if "speedup_foreach_vs_reference" in results:
             print(f"foreach speed-up over the per-parameter loop: {results['speedup_foreach_vs_reference']:.2f}x")
-        return _write_record(args, argv, cfg, device, results)
-    device, results = run(cfg, stages, args.steps, args.warmup)
+        save(results)
+        return 0
+    device, results = run(cfg, stages, args.steps, args.warmup, on_stage=save)
 
     print(f"\nthroughput on {loss_benchmark.device_slug(str(device))} (batch {cfg.train.batch_size}, {cfg.augment.size}px, "
           f"{cfg.model.backbone}, {cfg.train.precision})")
@@ -297,23 +303,34 @@ def main(argv=None) -> int:
                 if peak:
                     results[name]["mfu"] = tflops / peak
                 print(f"{name}: {tflops:.3f} model TFLOP/s{mfu}")
-    return _write_record(args, argv, cfg, device, results)
+    save(results)
+    return 0
 
 
-def _write_record(args, argv, cfg, device, results) -> int:
+def record_saver(args, argv, cfg, device):
+    """save(results): this run's record (device, versions, git sha, command, config, the stages'
+    results) appended to benchmarks/results/throughput_<device>.json (or --out) and rewritten in
+    place at each call (through a renamed .partial file): a run stopped between stages keeps
+    those it timed."""
     record = {
-        "benchmark": "throughput" if args.stage != "optim-compare" else "optim-compare", "device": loss_benchmark.device_slug(str(device)), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "benchmark": "throughput" if args.stage != "optim-compare" else "optim-compare",
+        "device": loss_benchmark.device_slug(str(device)), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join(["python", "benchmarks/throughput.py"] + argv),
         "git_sha": loss_benchmark.git_sha(), "torch": torch.__version__, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), "config": to_dict(cfg), "stages": results,
+        "threads": torch.get_num_threads(), "config": to_dict(cfg), "stages": {},
     }
     out = Path(args.out) if args.out else RESULTS / f"throughput_{record['device']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     history = json.loads(out.read_text()) if out.exists() else []
-    history.append(record)
-    out.write_text(json.dumps(history, indent=1) + "\n")
-    print(f"\nwrote {out}")
-    return 0
+
+    def save(results):
+        record["stages"] = results
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(json.dumps(history + [record], indent=1) + "\n")
+        partial.replace(out)
+        print(f"wrote {out}", file=sys.stderr)
+
+    return save
 
 
 if __name__ == "__main__":

@@ -62,3 +62,24 @@ def test_a_sweep_stage_exits_zero_and_writes_its_records(tmp_path):
             "--out", str(out)]
     assert throughput.main(argv) == 0
     assert [r["impl"] for r in json.loads(out.read_text())["records"]] == ["torch"]
+
+
+def test_a_run_stopped_after_its_first_stage_keeps_it(tmp_path, monkeypatch):
+    out = tmp_path / "throughput.json"
+    summarise = throughput.summarise
+
+    def stopped_at_second(times, n):
+        if stopped_at_second.calls:
+            raise KeyboardInterrupt
+        stopped_at_second.calls += 1
+        return summarise(times, n)
+
+    stopped_at_second.calls = 0
+    monkeypatch.setattr(throughput, "summarise", stopped_at_second)
+    argv = ["--steps", "1", "--warmup", "0", "--out", str(out), "train.device=cpu", "train.batch_size=8",
+            "data.workers=0"]
+    with pytest.raises(KeyboardInterrupt):
+        throughput.main(argv)
+    (record,) = json.loads(out.read_text())
+    assert list(record["stages"]) == ["data"] and record["stages"]["data"]["images_per_s"] > 0
+    assert record["command"].endswith(" ".join(argv)) and not (tmp_path / "throughput.json.partial").exists()
