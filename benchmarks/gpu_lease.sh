@@ -7,10 +7,11 @@
 #   1  e2e: SimCLR ResNet-50 fed by the PIL DataLoader (does the step wait for data?)
 #   2  loss: its GPU tests and the sweep at 2N = 16,384, D = 128, bf16 and fp32
 #   3  nothing but DALI's third part (the augmentation, unchanged since run 4, passed its tests)
-#   4  DALI's GPU tests, the loaders' comparison (every loader next to the PIL baseline), then
-#      e2e fed by DALI
-# Each stage stops itself before the call's limit (the limits below, 730 s; with the machine's
-# start, the calls' overhead and DALI's install about 815 s, within the lease's 900). Seen on the
+#   4  DALI's GPU tests, its decoder alone at three hardware-decoder shares (is the H100's JPEG
+#      decoder in use?), the loaders' comparison (every loader next to the PIL baseline), then e2e
+#      fed by DALI
+# Each stage stops itself before the call's limit (the limits below, 765 s; with the machine's
+# start, the calls' overhead and DALI's install about 850 s, within the lease's 900). Seen on the
 # H100 of 2026-11-26 (run 4): the start 30 s, a call's overhead 7 s, installing DALI about 25 s,
 # the loss tests 60 s, an e2e run 115 s, each loader of the comparison about 50 s. The logs and
 # the JSON records come back in $OUT (the data benchmark writes its record after each loader).
@@ -33,7 +34,7 @@ case $call in
     3) echo "gpu_lease.sh: call 3 carries DALI's third part" ;;
     4) timeout -k 5 40 env -u TRITON_INTERPRET python3 -m pytest -q -rs -p no:cacheprovider tests/test_data_dali.py 2>&1 \
            | tee -a "$OUT/lease_call$call.log"
-       GPU_TESTS=0 LOADER_TIMEOUT=70 suite 280 data
+       GPU_TESTS=0 LOADER_TIMEOUT=70 suite 320 data
        GPU_TESTS=0 E2E_LOADERS=dali E2E_TIMEOUT=140 suite 150 e2e ;;
 esac
 gpu_results

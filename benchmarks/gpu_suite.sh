@@ -125,7 +125,13 @@ stage_data() {
     # 1. correctness on the GPU: every loader's contract, nvJPEG (DALI mixed, torchvision) vs the CPU.
     gpu_pytest test_data_gpu.log tests/test_loaders.py tests/test_data.py tests/test_data_dali.py \
         tests/test_data_ffcv.py
-    # 2. every installed loader on the sample, two 224 px views, batch 256, all 16 cores, next to
+    # 2. DALI's decoder alone at hardware-decoder shares 0, 0.65 and 1: is the GPU's JPEG decoder
+    #    in use? -> benchmarks/results/dali_decoder_<gpu>.json
+    if "$PY" -c "import nvidia.dali" 2>/dev/null; then
+        timeout -k 5 60 "$PY" benchmarks/dali_decoder.py --data "$SAMPLE" --batch 256 --seconds 6 2>&1 \
+            | tee "$LOGS/dali_decoder_gpu.log" || true
+    fi
+    # 3. every installed loader on the sample, two 224 px views, batch 256, all 16 cores, next to
     #    the PIL DataLoader baseline -> benchmarks/results/data_<gpu>.json
     local loaders
     loaders=$("$PY" -c "import importlib.util as u; d=u.find_spec('nvidia') and u.find_spec('nvidia.dali'); \

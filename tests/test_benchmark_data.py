@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -87,3 +88,17 @@ def test_the_record_is_written_after_each_loader(tmp_path, monkeypatch):
     assert record["loaders"] == ["pil", "ffcv"] and list(record["results"]) == ["pil"]
     assert record["results"]["pil"] == {**measured, "vs_pil": 1.0}
     assert not (tmp_path / "data.json.partial").exists()
+
+
+def test_the_dali_decoder_benchmark_times_the_cpu_decoder_without_a_gpu(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    import dali_decoder
+    src, out = jpegs(tmp_path / "photos", 6), tmp_path / "dali_decoder.json"
+    argv = ["--data", str(src), "--batch", "4", "--threads", "1", "--seconds", "0.2", "--device", "cpu",
+            "--out", str(out)]
+    assert dali_decoder.main(argv) == 0
+    (record,) = json.loads(out.read_text())
+    (name, result), = record["results"].items()
+    assert name == "cpu decoder" and record["files"] == 6 and result["images"] % 4 == 0 and result["images_per_s"] > 0
+    with pytest.raises(SystemExit):                       # a load outside [0, 1]
+        dali_decoder.main(argv + ["--loads", "1.5"])
