@@ -13,7 +13,6 @@ a higher load, that it is. Without a GPU it times DALI's CPU decoder once (the l
 A JSON record is appended to benchmarks/results/dali_decoder_<device>.json.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 import data as data_benchmark          # benchmarks/data.py, beside this file: cpu_seconds, SAMPLE
-import loss as loss_benchmark          # benchmarks/loss.py: device_slug, git_sha
+import loss as loss_benchmark          # benchmarks/loss.py: device_slug, git_sha, history_appender
 
 RESULTS = Path(__file__).parent / "results"
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -100,8 +99,7 @@ def main(argv=None) -> int:
               "data": args.data, "files": len(files), "batch": args.batch, "threads": args.threads,
               "size": 224, "results": results}
     out = Path(args.out) if args.out else RESULTS / f"dali_decoder_{record['device']}.json"
-    history = json.loads(out.read_text()) if out.exists() else []
-    out.write_text(json.dumps(history + [record], indent=1) + "\n")
+    loss_benchmark.history_appender(out)(record)
     print(f"wrote {out}")
     return 0
 

@@ -327,7 +327,7 @@ def main(argv=None) -> int:
               "cpu_count": os.cpu_count(), "data": str(src), "batch": args.batch, "size": args.size,
               "workers": args.workers, "loaders": names, "results": results}
     out = Path(args.out) if args.out else RESULTS / f"data_{record['device']}.json"
-    history = json.loads(out.read_text()) if out.exists() else []
+    append = loss_benchmark.history_appender(out)
 
     def save():
         """The record as it stands, written after every loader: a run stopped midway (a lease's
@@ -335,9 +335,7 @@ def main(argv=None) -> int:
         for r in results.values():
             if r["status"] == "ok" and results["pil"]["status"] == "ok":
                 r["vs_pil"] = r["images_per_s"] / results["pil"]["images_per_s"]
-        partial = out.with_name(out.name + ".partial")     # renamed over `out` once whole
-        partial.write_text(json.dumps(history + [record], indent=1) + "\n")
-        partial.replace(out)
+        append(record)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -333,19 +334,33 @@ def run(args, add):
     return run_cpu(args, add) if args.device == "cpu" else run_gpu(args, add)
 
 
+def write_json(path, obj) -> None:
+    """`obj` as JSON in `path` (its folder made first), through a renamed .partial file: the file
+    is never found half-written, even when the run is stopped while it writes. The benchmarks
+    write their records with it as they go, so a run stopped midway (a lease's time limit) keeps
+    what it measured."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def history_appender(path):
+    """save(record): `record` appended to the JSON list of records in `path` (read once, here) and
+    written again in its place at every later call, as the record grows (`write_json`)."""
+    history = json.loads(Path(path).read_text()) if os.path.exists(path) else []
+    return lambda record: write_json(path, history + [record])
+
+
 def record_writer(out: str, meta: dict):
     """(records, add): add(record) appends to `records` and rewrites `out` as {"meta", "records"}
-    (through a renamed .partial file), so that a sweep stopped midway (a lease's time limit)
-    keeps every record it finished."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    (`write_json`)."""
     records = []
 
     def add(record):
         records.append(record)
-        partial = out + ".partial"
-        with open(partial, "w") as f:
-            json.dump({"meta": meta, "records": records}, f, indent=1)
-        os.replace(partial, out)
+        write_json(out, {"meta": meta, "records": records})
 
     return records, add
 

@@ -30,7 +30,6 @@ benchmarks/results/throughput_<device>.json, and rewritten after each stage: a r
 keeps the stages it timed.
 """
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -310,8 +309,7 @@ def main(argv=None) -> int:
 def record_saver(args, argv, cfg, device):
     """save(results): this run's record (device, versions, git sha, command, config, the stages'
     results) appended to benchmarks/results/throughput_<device>.json (or --out) and rewritten in
-    place at each call (through a renamed .partial file): a run stopped between stages keeps
-    those it timed."""
+    place at each call (loss.history_appender): a run stopped between stages keeps those it timed."""
     record = {
         "benchmark": "throughput" if args.stage != "optim-compare" else "optim-compare",
         "device": loss_benchmark.device_slug(str(device)), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -320,14 +318,11 @@ def record_saver(args, argv, cfg, device):
         "threads": torch.get_num_threads(), "config": to_dict(cfg), "stages": {},
     }
     out = Path(args.out) if args.out else RESULTS / f"throughput_{record['device']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    history = json.loads(out.read_text()) if out.exists() else []
+    append = loss_benchmark.history_appender(out)
 
     def save(results):
         record["stages"] = results
-        partial = out.with_name(out.name + ".partial")
-        partial.write_text(json.dumps(history + [record], indent=1) + "\n")
-        partial.replace(out)
+        append(record)
         print(f"wrote {out}", file=sys.stderr)
 
     return save

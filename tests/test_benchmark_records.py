@@ -38,3 +38,13 @@ def test_an_augment_sweep_stopped_after_its_first_implementation_keeps_it(tmp_pa
         augment_benchmark.main(argv)
     (record,) = json.loads(out.read_text())["records"]
     assert record["impl"] == "kornia" and record["images_per_s"] == 4.0
+
+
+def test_history_appender_keeps_the_earlier_records_and_rewrites_its_own(tmp_path):
+    out = tmp_path / "history.json"
+    out.write_text(json.dumps([{"run": 1}]))
+    save = loss_benchmark.history_appender(out)
+    save({"run": 2, "stages": ["data"]})
+    save({"run": 2, "stages": ["data", "train"]})
+    assert json.loads(out.read_text()) == [{"run": 1}, {"run": 2, "stages": ["data", "train"]}]
+    assert not (tmp_path / "history.json.partial").exists()
