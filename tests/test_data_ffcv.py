@@ -238,6 +238,22 @@ def test_loaders_leave_numba_types_alone(train_loader, train_beton):
     assert len(list(second)) == 10 and len(epoch(train_loader, 0)) == 5
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_batches_kept_by_the_caller_stay_intact(train_beton, train):
+    """FFCV writes each batch into one of 5 buffers it reuses (3 ahead + 2): the loader's batches
+    are copies out of them (on the CPU, where no transfer to a device makes one), so a batch kept
+    for 20 batches still holds what it held when it came."""
+    load = FfcvLoader(train_beton[0], size=8, batch_size=8, seed=2, train=train, workers=1)
+    kept = epoch(load, 1)
+    assert len(kept) == 20
+    load.set_epoch(1)
+    for k, (views, labels, indices) in enumerate(load):      # the same batches, compared as they come
+        kept_views, kept_labels, kept_indices = kept[k]
+        assert torch.equal(kept_indices, indices) and torch.equal(kept_labels, labels)
+        assert all(torch.equal(a, b) for a, b in zip(kept_views, views)), f"batch {k} changed"
+    assert len({tuple(v[0].flatten()[:64].tolist()) for v, _, _ in kept}) == 20     # 20 different batches
+
+
 def test_mid_epoch_resume_equals_the_rest_of_the_epoch(train_loader, train_beton):
     expected = epoch(train_loader, 4)[2:]
     resumed = FfcvLoader(train_beton[0], size=12, batch_size=32, seed=3, workers=1)   # a new process, say
