@@ -86,8 +86,35 @@ def test_the_record_is_written_after_each_loader(tmp_path, monkeypatch):
         pass
     (record,) = json.loads(out.read_text())
     assert record["loaders"] == ["pil", "ffcv"] and list(record["results"]) == ["pil"]
-    assert record["results"]["pil"] == {**measured, "vs_pil": 1.0}
+    assert record["results"]["pil"] == {**measured, "vs_pil": 1.0, "vs_pil_rounds": [1.0],
+                                        "rounds_images_per_s": [100.0]}
     assert not (tmp_path / "data.json.partial").exists()
+
+
+def test_rounds_take_each_ratio_within_a_round_and_report_the_median(tmp_path, monkeypatch):
+    """The machine's speed drifts between rounds: a loader's ratio to pil is taken within each round."""
+    src, out = jpegs(tmp_path / "photos", 6), tmp_path / "data.json"
+    speeds = {"pil": iter([100.0, 200.0, 50.0]), "ffcv": iter([300.0, 500.0, None])}   # round 3: ffcv fails
+
+    def run_in_child(name, *args):
+        speed = next(speeds[name])
+        if speed is None:
+            return {"status": "failed (exit code 1, output above)"}
+        return {"images_per_s": speed, "cores_busy": 1.0, "status": "ok"}
+
+    monkeypatch.setattr(data_benchmark, "run_in_child", run_in_child)
+    monkeypatch.setattr(data_benchmark, "NEEDS", {})
+    argv = ["--loader", "pil,ffcv", "--data", str(src), "--batch", "4", "--size", "16", "--workers", "1",
+            "--rounds", "3", "--out", str(out), "train.device=cpu"]
+    assert data_benchmark.main(argv) == 0
+    (record,) = json.loads(out.read_text())
+    pil, ffcv = record["results"]["pil"], record["results"]["ffcv"]
+    assert record["rounds"] == 3 and pil["rounds_images_per_s"] == [100.0, 200.0, 50.0]
+    assert pil["images_per_s"] == 100.0 and pil["vs_pil"] == 1.0                 # the median round
+    assert ffcv["rounds_images_per_s"] == [300.0, 500.0, None] and ffcv["vs_pil_rounds"] == [3.0, 2.5]
+    assert ffcv["vs_pil"] == 2.75 and ffcv["images_per_s"] == 300.0             # not 300 / 100 of one pass
+    with pytest.raises(SystemExit):
+        data_benchmark.main(argv[:-3] + ["--rounds", "0", "train.device=cpu"])
 
 
 def test_the_dali_decoder_benchmark_times_the_cpu_decoder_without_a_gpu(tmp_path):
