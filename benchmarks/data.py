@@ -114,7 +114,8 @@ def to_beton(folder: Path, work: Path, args) -> (Path, float):
     from fastssl.cli import main as cli
     out = work / "sample.beton"
     start = time.perf_counter()
-    command = ["convert", str(folder), str(out), "--max-side", str(args.max_side), "--write-mode", args.write_mode,
+    command = ["convert", str(folder), str(out), "--force",     # --force: the file of an earlier round
+               "--max-side", str(args.max_side), "--write-mode", args.write_mode,
                "--compress-probability", str(args.compress_probability)]
     if cli(command) not in (0, None):
         raise RuntimeError(f"fastssl convert {folder} {out} failed")
