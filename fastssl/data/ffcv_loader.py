@@ -310,6 +310,10 @@ class MultiViewDecoder(Operation):
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch, enlarged = my_storage
             key = numba.carray(cast_int_to_byte_ptr(key_address), 8).view(np.uint64)[0]
+            # One image at a time to whichever thread is free: numba's default gives each thread an
+            # equal run of the batch, and images differ in cost (size, crop areas). 2 threads on 2 cores:
+            # 6.5-12% more images/s (medians of 6 alternations of the two settings in one process).
+            previous_chunk = numba.set_parallel_chunksize(1)
             for i in my_range(len(batch_indices)):
                 index = batch_indices[i]
                 field = metadata[index]
@@ -327,6 +331,7 @@ class MultiViewDecoder(Operation):
                     out = destination[i, offsets[v]:offsets[v + 1]].reshape(3, sizes[v], sizes[v])
                     hwc = enlarged[i, :3 * sizes[v] * sizes[v]].reshape(sizes[v], sizes[v], 3)
                     resize_view(image, top, bottom, left, right, hwc, out)
+            numba.set_parallel_chunksize(previous_chunk)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
