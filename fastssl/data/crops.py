@@ -15,9 +15,14 @@ import torch
 def sample_crop_params(n: int, scale: Sequence[float], ratio: Sequence[float],
                        generator: torch.Generator = None) -> torch.Tensor:
     """(n, 4) float32 tensor of [scale, log_ratio, u, v] per crop."""
-    u = torch.rand(n, 4, generator=generator)
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    return torch.stack([scale[0] + (scale[1] - scale[0]) * u[:, 0], lo + (hi - lo) * u[:, 1],
+    return crop_params(torch.rand(n, 4, generator=generator), scale[0], scale[1] - scale[0], lo, hi - lo)
+
+
+def crop_params(u: torch.Tensor, scale_lo, scale_span, log_ratio_lo, log_ratio_span) -> torch.Tensor:
+    """[scale, log_ratio, u, v] rows from (n, 4) uniform draws `u`: the first two draws mapped
+    onto their ranges (numbers, or (n,) tensors of one range per row)."""
+    return torch.stack([scale_lo + scale_span * u[:, 0], log_ratio_lo + log_ratio_span * u[:, 1],
                         u[:, 2], u[:, 3]], dim=1)
 
 
@@ -49,11 +54,12 @@ def view_boxes(views, height: int, width: int, generator: torch.Generator) -> Li
     and `.ratio`): sample_crop_params, crop_boxes and crop_box_pixels view after view, from the
     same draws, computed for all the views at once (a loader worker's cost per image: a few tensor
     operations instead of some twenty per view)."""
-    u = torch.rand(len(views), 4, generator=generator)
     log_ratios = [(math.log(v.ratio[0]), math.log(v.ratio[1])) for v in views]
-    # float32, as sample_crop_params' Python numbers become in its arithmetic with `u`.
-    lo = torch.tensor([[v.scale[0], r[0]] for v, r in zip(views, log_ratios)], dtype=torch.float32)
-    span = torch.tensor([[float(v.scale[1] - v.scale[0]), r[1] - r[0]] for v, r in zip(views, log_ratios)],
-                        dtype=torch.float32)
-    params = torch.cat([lo + span * u[:, :2], u[:, 2:]], dim=1)
+
+    def per_view(values):      # float32, as sample_crop_params' Python numbers become in its arithmetic
+        return torch.tensor(values, dtype=torch.float32)
+
+    params = crop_params(torch.rand(len(views), 4, generator=generator),
+                         per_view([v.scale[0] for v in views]), per_view([v.scale[1] - v.scale[0] for v in views]),
+                         per_view([lo for lo, _ in log_ratios]), per_view([hi - lo for lo, hi in log_ratios]))
     return [crop_box_pixels(box) for box in crop_boxes(params, height, width).tolist()]
