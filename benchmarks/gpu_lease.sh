@@ -5,13 +5,16 @@
 # 30 s of warmth (it keeps /tmp/carry between them); DALI is installed once its last part arrives
 # (call 4), so the plan puts issue 5's questions there and at the start:
 #   1  e2e: SimCLR ResNet-50 fed by the PIL DataLoader (does the step wait for data?)
-#   2  loss: its GPU tests and the sweep at 2N = 16,384, D = 128, bf16 and fp32
+#   2  loss: the sweep at 2N = 16,384, D = 128, bf16 and fp32 (its GPU tests: gpu_suite.sh loss;
+#      the kernels are unchanged since they passed on the H100)
 #   3  nothing but DALI's third part (the augmentation, unchanged since run 4, passed its tests)
 #   4  DALI's GPU tests, its decoder alone at three hardware-decoder shares (is the H100's JPEG
 #      decoder in use?), the loaders' comparison (every loader next to the PIL baseline), then e2e
 #      fed by DALI
-# Each stage stops itself before the call's limit (the limits below, 765 s; with the machine's
-# start, the calls' overhead and DALI's install about 850 s, within the lease's 900). Seen on the
+# Each stage stops itself before the call's limit (the limits below, 735 s; with the machine's
+# start, the calls' overhead and DALI's install about 820 s, within the lease's 900). A reply with
+# "warm": false means a fresh machine without the parts carried before (run 5: after 40 s between
+# calls 1 and 2): carry them again before call 4 (gpu_env.sh counts the parts it has). Seen on the
 # H100 of 2026-11-26 (run 4): the start 30 s, a call's overhead 7 s, installing DALI about 25 s,
 # the loss tests 60 s, an e2e run 115 s, each loader of the comparison about 50 s. The logs and
 # the JSON records come back in $OUT (the data benchmark writes its record after each loader).
@@ -30,7 +33,8 @@ suite() {   # suite SECONDS STAGE...: gpu_suite.sh's stages, stopped after SECON
 }
 case $call in
     1) GPU_TESTS=0 E2E_LOADERS=pil E2E_TIMEOUT=150 suite 165 e2e ;;
-    2) LOSS_ARGS="--sizes 16384 --dims 128 --dtypes bfloat16 float32 --impls triton torch" suite 90 loss ;;
+    2) timeout -k 5 60 env -u TRITON_INTERPRET python3 benchmarks/loss.py --device cuda --sizes 16384 --dims 128 \
+           --dtypes bfloat16 float32 --impls triton torch 2>&1 | tee -a "$OUT/lease_call$call.log" ;;
     3) echo "gpu_lease.sh: call 3 carries DALI's third part" ;;
     4) timeout -k 5 40 env -u TRITON_INTERPRET python3 -m pytest -q -rs -p no:cacheprovider tests/test_data_dali.py 2>&1 \
            | tee -a "$OUT/lease_call$call.log"
