@@ -23,8 +23,7 @@ from fastssl.cli import main  # noqa: E402
 from fastssl.data import CLASSES, ViewCrop, ensure_embedded_dataset, scan_image_folder  # noqa: E402
 from fastssl.data.convert import ConvertError, FolderImages, convert, read_sidecar, sidecar_path  # noqa: E402
 from fastssl.data.crops import crop_box_pixels, crop_boxes  # noqa: E402
-from fastssl.data.ffcv_loader import (FfcvLoader, beton_for, crop_box, crop_uniforms, epoch_key,  # noqa: E402
-                                      resize_antialiased)
+from fastssl.data.ffcv_loader import FfcvLoader, beton_for, crop_box, crop_uniforms, epoch_key  # noqa: E402
 from conftest import bad_image_folder, write_image  # noqa: E402
 
 QUIET = dict(log=lambda *_: None, progress=False)
@@ -181,26 +180,6 @@ def test_the_cli_converts_and_reports_clear_errors(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------
 # FfcvLoader
-
-@pytest.mark.parametrize("box, size", [
-    ((0, 375, 0, 500), 224),          # a whole photo, down by 1.7-2.2
-    ((10, 110, 20, 120), 224),        # a small crop, up by 2.2
-    ((0, 64, 0, 64), 32),             # down by exactly 2
-    ((5, 96, 3, 80), 37),             # odd sizes, not multiples of anything
-    ((10, 11, 10, 12), 16),           # a 1 x 2 px box
-    ((17, 283, 41, 399), 96),         # down by 2.8-3.7, off the origin
-])
-def test_resize_antialiased_matches_torch(box, size):
-    """The views' resize is torch's antialiased bilinear resize of the box, to the rounding."""
-    image = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
-    top, bottom, left, right = box
-    out = np.empty((3, size, size), np.uint8)                     # planar, as the loader's views
-    resize_antialiased(image, top, bottom, left, right, out)
-    crop = torch.from_numpy(image[top:bottom, left:right]).permute(2, 0, 1)[None].float()
-    ref = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
-                                          align_corners=False)[0].round().clamp(0, 255)
-    assert np.abs(out.astype(np.float32) - ref.numpy()).max() <= 1.0
-
 
 def test_crops_are_fixed_by_seed_epoch_and_index(train_loader, train_beton):
     first, again, other = epoch(train_loader, 1), epoch(train_loader, 1), epoch(train_loader, 2)

@@ -74,6 +74,7 @@ from ffcv.utils import cast_int_to_byte_ptr
 from fastssl.data.badimages import SkippedImages
 from fastssl.data.embedded import is_embedded_split
 from fastssl.data.imagefolder import EpochSampler, ViewCrop, check_batch_fits
+from fastssl.data.resize import resize_antialiased
 
 log = logging.getLogger("fastssl.data")
 ORDERS = ("random", "quasi_random")
@@ -149,83 +150,6 @@ def crop_box(key, index, view, height, width, scale_lo, scale_hi, log_ratio_lo, 
     right = min(left + max(1, int(round(w))), int(width))      # rounding can pass the edge by one
     bottom = min(top + max(1, int(round(h))), int(height))
     return top, bottom, left, right
-
-
-@numba.njit(nogil=True)
-def triangle_weights(n_in, n_out):
-    """The 1-D antialiased bilinear filter from n_in to n_out samples (PIL's and torch's
-    `antialias=True`): output i averages the inputs within `support` = max(n_in/n_out, 1) of its
-    centre (i + 0.5) * n_in / n_out, weighted by a triangle of that half-width, normalised.
-    Returns (first input of each output, how many inputs each takes, (n_out, taps) weights)."""
-    scale = n_in / n_out
-    support = max(scale, 1.0)
-    starts = np.empty(n_out, np.int64)
-    counts = np.empty(n_out, np.int64)
-    weights = np.zeros((n_out, int(math.ceil(support)) * 2 + 1), np.float32)
-    for i in range(n_out):
-        centre = (i + 0.5) * scale
-        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
-        starts[i], counts[i] = lo, hi - lo
-        total = 0.0
-        for j in range(lo, hi):
-            weights[i, j - lo] = max(0.0, 1.0 - abs((j + 0.5 - centre) / support))
-            total += weights[i, j - lo]
-        weights[i, :hi - lo] /= total
-    return starts, counts, weights
-
-
-# Output rows per strip of resize_antialiased: the strip's intermediate sums (32 rows of the box's
-# width in fp32, e.g. 196 KB for a 512-px box) stay in the L2 cache; 1.4x faster on one thread
-# than one pass over the whole view (benchmarks/data.py's per-image breakdown).
-STRIP_ROWS = 32
-
-
-@numba.njit(nogil=True, fastmath=True)
-def resize_antialiased(image, top, bottom, left, right, out):
-    """out (3, S, S' uint8, planar) <- the box [top:bottom, left:right] of image (H, W, 3 uint8),
-    resized by the antialiased bilinear filter of `triangle_weights`, STRIP_ROWS output rows at a
-    time. Both passes are row sums that vectorise: the vertical pass over the box's rows, then the
-    horizontal one over the strip's transposed columns, into one row of sums per output column;
-    each output row is then written whole (1.33x faster than writing each column's values to
-    their rows as they come, on ImageNet photos' random crops)."""
-    h, w = bottom - top, right - left
-    oh, ow = out.shape[1], out.shape[2]
-    ys, yn, yw = triangle_weights(h, oh)
-    xs, xn, xw = triangle_weights(w, ow)
-    strip = min(STRIP_ROWS, oh)
-    rows = np.empty((strip, w * 3), np.float32)
-    columns = np.empty((w, strip * 3), np.float32)
-    sums = np.empty((ow, strip * 3), np.float32)
-    for y0 in range(0, oh, strip):
-        n = min(strip, oh - y0)
-        for r in range(n):                    # vertical pass: output rows y0 .. y0 + n
-            y = y0 + r
-            row = rows[r]
-            row[:] = 0.0
-            for k in range(yn[y]):
-                src = image[top + ys[y] + k].reshape(-1)[3 * left:3 * right]     # contiguous: vectorises
-                weight = yw[y, k]
-                for j in range(w * 3):
-                    row[j] += weight * src[j]
-        for x in range(w):                    # transpose: one contiguous run of sums per column
-            for r in range(n):
-                for c in range(3):
-                    columns[x, 3 * r + c] = rows[r, 3 * x + c]
-        for x in range(ow):                   # horizontal pass
-            acc = sums[x]
-            acc[:3 * n] = 0.5                 # + 0.5: the uint8 cast below truncates, so this rounds
-            for k in range(xn[x]):
-                src = columns[xs[x] + k]
-                weight = xw[x, k]
-                for j in range(3 * n):
-                    acc[j] += weight * src[j]
-            for j in range(3 * n):
-                acc[j] = min(max(acc[j], np.float32(0.0)), np.float32(255.0))
-        for r in range(n):                    # each output row, whole
-            for c in range(3):
-                dst, j = out[c, y0 + r], 3 * r + c
-                for x in range(ow):
-                    dst[x] = np.uint8(sums[x, j])
 
 
 @numba.njit(nogil=True)
