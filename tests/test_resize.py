@@ -25,3 +25,20 @@ def test_resize_antialiased_matches_torch(box, size):
     ref = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
                                           align_corners=False)[0].round().clamp(0, 255)
     assert np.abs(out.astype(np.float32) - ref.numpy()).max() <= 1.0
+
+
+def test_c_entry_point_gives_the_same_pixels_and_clamps_the_box_to_the_image():
+    """DALI's CPU pipeline calls the resize through its C entry point, by address: the same views,
+    and a box reaching outside the image is cut to the image rather than read beyond it."""
+    from fastssl.data.resize import resize_antialiased_c
+
+    resize = resize_antialiased_c().ctypes
+    image = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    for (top, bottom, left, right), clamped in [((5, 30, 7, 45), (5, 30, 7, 45)),
+                                                ((-3, 60, -2, 70), (0, 40, 0, 50)),
+                                                ((39, 39, 49, 80), (39, 40, 49, 50))]:
+        out = np.zeros((3, 16, 12), np.uint8)
+        resize(image.ctypes.data, 40, 50, top, bottom, left, right, out.ctypes.data, 16, 12)
+        ref = np.zeros_like(out)
+        resize_antialiased(image, *clamped, ref)
+        assert np.array_equal(out, ref) and ref.any()
