@@ -8,9 +8,9 @@
 #   2  loss: the sweep at 2N = 16,384, D = 128, bf16 and fp32 (its GPU tests: gpu_suite.sh loss;
 #      the kernels are unchanged since they passed on the H100)
 #   3  nothing but DALI's third part (the augmentation, unchanged since run 4, passed its tests)
-#   4  DALI's GPU tests, its decoder alone at three hardware-decoder shares (is the H100's JPEG
-#      decoder in use?), the loaders' comparison (every loader next to the PIL baseline), then e2e
-#      fed by DALI
+#   4  DALI's GPU tests and every loader's GPU-against-CPU pixels, DALI's decoder alone at three
+#      hardware-decoder shares (is the H100's JPEG decoder in use?), the loaders' comparison (every
+#      loader next to the PIL baseline), then e2e fed by DALI
 # Each stage stops itself before the call's limit (the limits below, 735 s; with the machine's
 # start, the calls' overhead and DALI's install about 820 s, within the lease's 900). A reply with
 # "warm": false means a fresh machine without the parts carried before (run 5: after 40 s between
@@ -36,9 +36,9 @@ case $call in
     2) timeout -k 5 60 env -u TRITON_INTERPRET python3 benchmarks/loss.py --device cuda --sizes 16384 --dims 128 \
            --dtypes bfloat16 float32 --impls triton torch 2>&1 | tee -a "$OUT/lease_call$call.log" ;;
     3) echo "gpu_lease.sh: call 3 carries DALI's third part" ;;
-    4) timeout -k 5 40 env -u TRITON_INTERPRET python3 -m pytest -q -rs -p no:cacheprovider tests/test_data_dali.py 2>&1 \
-           | tee -a "$OUT/lease_call$call.log"
-       GPU_TESTS=0 LOADER_TIMEOUT=70 suite 320 data
+    4) timeout -k 5 70 env -u TRITON_INTERPRET python3 -m pytest -q -rs -p no:cacheprovider tests/test_data_dali.py \
+           tests/test_loaders.py::test_gpu_decoding_matches_the_cpu 2>&1 | tee -a "$OUT/lease_call$call.log"
+       GPU_TESTS=0 LOADER_TIMEOUT=70 suite 290 data
        GPU_TESTS=0 E2E_LOADERS=dali E2E_TIMEOUT=140 suite 150 e2e ;;
 esac
 gpu_results
