@@ -225,7 +225,8 @@ class OBoWSettings:
     """Sharpness of the soft assignment of a local feature to words: softmax(-inverse_delta * d / mean
     min d), d the squared distance to each word (the paper's ResNet-50 value; 10 for its ResNet-18)."""
     min_distance_momentum: float = 0.99
-    """EMA momentum of the mean squared distance of a local feature to its nearest word."""
+    """EMA momentum of the mean squared distance of a local feature to its nearest word (bias-corrected:
+    the first batch's value, then the EMA of the batches seen)."""
     word_pool_size: int = 3
     """Side of the local average pooling (stride 1) before a teacher feature is enqueued as a word."""
     prediction_scale: float = 8.0

@@ -11,7 +11,7 @@ import fastssl.train.trainer as trainer
 from fastssl.config import ConfigError
 from fastssl.methods import build_augment, build_method
 from fastssl.methods.base import cosine_momentum
-from fastssl.methods.obow import drop_border, sample_words, soft_bow, stage_maps, word_distances
+from fastssl.methods.obow import drop_border, ema_rate, sample_words, soft_bow, stage_maps, word_distances
 from fastssl.optim import build_optimizer
 from fastssl.train.trainer import train_step
 from conftest import augmented, check_exact_resume, fixed_batch_loss, loader_batch
@@ -22,7 +22,7 @@ TINY = {"method.name": "obow", "model.backbone": "resnet18", "method.obow.vocabu
         "method.obow.local_crops": 2}
 FAST = {"data.embedded_train_per_class": 2, "data.embedded_val_per_class": 2, "train.batch_size": 4,
         "eval.knn_k": 5}
-BUFFERS = ("words", "ptr", "mean_min_distance")
+BUFFERS = ("words", "ptr", "mean_min_distance", "batches")
 
 
 @pytest.fixture(autouse=True)
@@ -121,25 +121,45 @@ def test_vocabulary_is_fifo_with_wrap_around(tiny_config):
     assert model.vocabularies[model.levels[0]].ptr.item() == 4
 
 
-def test_min_distance_follows_its_ema_and_is_used_for_the_targets(tiny_config):
-    cfg = obow_config(tiny_config, **{"method.obow.min_distance_momentum": 0.9, "augment.size": 64})
+def test_ema_rate_weighs_only_the_values_seen():
+    values = [3.0, -1.0, 7.0, 2.0]
+    for m in (0.0, 0.5, 0.9, 1.0):
+        ema = 123.0                                                            # a start that must not count
+        for t, v in enumerate(values, 1):
+            ema += ema_rate(m, t) * (v - ema)
+            weights = [m ** (t - 1 - i) for i in range(t)]                     # the newest weighs 1
+            assert ema == pytest.approx(sum(w * x for w, x in zip(weights, values)) / sum(weights))
+    assert ema_rate(0.99, 1) == 1.0 and ema_rate(0.99, 10 ** 6) == pytest.approx(0.01)
+
+
+def test_min_distance_is_a_bias_corrected_ema_used_for_the_targets(tiny_config):
+    # The first batch's own mean minimum distance, then the EMA of the batches seen with the
+    # weight of its starting value removed, as Adam's moments: (m (1-m) b1 + (1-m) b2) / (1 - m^2).
+    m = 0.9
+    cfg = obow_config(tiny_config, **{"method.obow.min_distance_momentum": m, "augment.size": 64})
     model, augment = build_method(cfg), build_augment(cfg)
     model.train()
-    x = random_views(augment, n=4)
-    with torch.no_grad():
-        maps = stage_maps(copy.deepcopy(model.teacher_backbone), x[0], model.levels)   # layer3 4x4, layer4 2x2
-    expected = {}
-    for level, fmap in zip(model.levels, maps):
-        d = word_distances(drop_border(fmap), model.vocabularies[level].words)
-        expected[level] = 0.9 * 0.5 + 0.1 * d.min(-1).values.mean()
-    _, stats = model(x)
-    for level in model.levels:
-        v = model.vocabularies[level]
-        assert v.mean_min_distance.item() == 0.5                              # not before after_step
-        assert stats[f"mean_min_distance_{level}"] == pytest.approx(expected[level].item(), rel=1e-5)
-    model.after_step()
-    for level in model.levels:
-        torch.testing.assert_close(model.vocabularies[level].mean_min_distance, expected[level])
+    batch_min = {level: [] for level in model.levels}
+    for step in range(2):
+        x = random_views(augment, n=4, seed=step)
+        with torch.no_grad():
+            maps = stage_maps(copy.deepcopy(model.teacher_backbone), x[0], model.levels)  # layer3 4x4, layer4 2x2
+        for level, fmap in zip(model.levels, maps):
+            d = word_distances(drop_border(fmap), model.vocabularies[level].words)
+            batch_min[level].append(d.min(-1).values.mean())
+        before = {level: model.vocabularies[level].mean_min_distance.clone() for level in model.levels}
+        _, stats = model(x)
+        for level in model.levels:
+            b = batch_min[level]
+            expected = b[0] if step == 0 else (m * (1 - m) * b[0] + (1 - m) * b[1]) / (1 - m ** 2)
+            assert stats[f"mean_min_distance_{level}"] == pytest.approx(expected.item(), rel=1e-5)
+            torch.testing.assert_close(model.vocabularies[level].mean_min_distance, before[level])  # not yet
+        model.after_step()
+        for level in model.levels:
+            v = model.vocabularies[level]
+            assert v.batches.item() == step + 1
+            assert v.mean_min_distance.item() == pytest.approx(stats[f"mean_min_distance_{level}"], rel=1e-6)
+    assert batch_min[model.levels[0]][0] != batch_min[model.levels[0]][1]        # two different batches
 
 
 # --- the teacher -----------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ A teacher, the student's EMA (momentum 0.99 -> 1, cosine), turns the whole image
 visual words per level (the maps after ResNet stages `levels`, by default layer3 and layer4):
 1. the squared distance d of every local feature of the map to each of the K words;
 2. the soft assignment softmax_k(-inverse_delta * d / mean_min_d), where mean_min_d is an EMA
-   (0.99) of the batch's mean distance of a feature to its nearest word;
+   (0.99, bias-corrected) of the batch's mean distance of a feature to its nearest word;
 3. max-pooling of the assignments over the locations, then L1 normalisation: one distribution
    over the words per image (`soft_bow`).
 The student sees other crops (2 of `student_size`, `local_crops` small ones of `local_size`) and
@@ -23,7 +23,14 @@ Details of the official code (github.com/valeoai/obow, obow/builder_obow.py) kep
 teacher's maps lose their 1-location border before anything else (the border sees the zero
 padding), the EMA of mean_min_d includes the current batch before its assignments are computed,
 the student feature f is not normalised (only the weights are), kappa is fixed, the words start
-as randn().clamp(min=0) and mean_min_d at 0.5. The student's backbone is the one evaluated.
+as randn().clamp(min=0). The student's backbone is the one evaluated.
+
+One difference: the official EMA of mean_min_d starts at 0.5, a value its ~500k steps forget
+within a few hundred. A short run would not: in the 186-step demo it held mean_min_d below the
+batches' own (~100 at layer2, ~240 at layer3) for the whole run, so the temperature drifted and
+the layer3 bags grew from ~5 words an image to ~170. Here the EMA is bias-corrected (`ema_rate`):
+the first batch's value, then the EMA of the batches seen, the same as the official's once it
+has forgotten its start.
 """
 from typing import Dict, List, Sequence, Tuple
 
@@ -70,6 +77,13 @@ def soft_bow(distances: torch.Tensor, inverse_delta: float, mean_min_distance) -
 def perplexity(p: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of each row of `p` (a distribution): the effective number of words."""
     return torch.exp(-(p * p.clamp_min(1e-12).log()).sum(-1))
+
+
+def ema_rate(momentum: float, updates: int) -> float:
+    """The weight of the newest of `updates` values in an EMA whose starting value has no weight
+    (Adam's bias correction): (1 - m) / (1 - m^updates), so the first value is taken whole;
+    1 / updates at m = 1, the plain mean of the values."""
+    return 1.0 / updates if momentum == 1 else (1 - momentum) / (1 - momentum ** updates)
 
 
 def drop_border(fmap: torch.Tensor) -> torch.Tensor:
@@ -119,6 +133,7 @@ class Vocabulary(nn.Module):
         self.register_buffer("words", torch.randn(size, channels).clamp(min=0))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("mean_min_distance", torch.tensor(0.5))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
 
 
 def word_generator(channels: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -196,8 +211,8 @@ class OBoW(Method):
                 if world_size() > 1:        # the mean over the global batch (equal local batches)
                     torch.distributed.all_reduce(batch_min)
                     batch_min /= world_size()
-                m = s.min_distance_momentum
-                mean_min = m * vocabulary.mean_min_distance + (1 - m) * batch_min
+                rate = ema_rate(s.min_distance_momentum, int(vocabulary.batches) + 1)
+                mean_min = vocabulary.mean_min_distance + rate * (batch_min - vocabulary.mean_min_distance)
                 targets[level] = soft_bow(d, s.inverse_delta, mean_min)
                 pending[level] = (global_keys(sample_words(fmap, s.word_pool_size, gen)), mean_min)
         return targets, pending
@@ -229,10 +244,11 @@ class OBoW(Method):
                 vocabulary = self.vocabularies[level]
                 enqueue(vocabulary.words, vocabulary.ptr, words)
                 vocabulary.mean_min_distance.copy_(mean_min)
+                vocabulary.batches += 1
             self.pending = None
 
     def eval_backbone(self) -> nn.Module:
         return self.backbone      # the paper evaluates the student
 
 
-__all__ = ["OBoW", "drop_border", "perplexity", "sample_words", "soft_bow", "stage_maps", "word_distances"]
+__all__ = ["OBoW", "drop_border", "ema_rate", "perplexity", "sample_words", "soft_bow", "stage_maps", "word_distances"]
