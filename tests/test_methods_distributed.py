@@ -4,6 +4,8 @@
   so the queue and its pointer stay identical on every rank, through the wrap-around.
 - MoCo v2 / v3's loss on 2 ranks equals the single-process loss on the concatenated batch.
 - DINO's centre is the EMA of the teacher's mean output over the GLOBAL batch, the same on every rank.
+- OBoW's vocabularies: every rank writes the global batch's words (rank order) and the bias-corrected
+  EMA of the global batch's mean minimum distance, so they stay identical.
 - End to end: `train` with moco_v2 on 2 processes keeps a consistent queue in its checkpoint, and
   refuses train.sync_bn=false.
 
@@ -13,6 +15,7 @@ result or traceback coming back through a file) and the trainer checks share ano
 (`train_results`: `train` called several times per worker, each on its own port). Every spawn has
 a deadline, so a hang fails instead of blocking.
 """
+import copy
 import json
 import math
 import os
@@ -153,12 +156,48 @@ def _dino_center_target(rank, world, cfg):
     return out
 
 
+OBOW_SHAPES = [(N, 3, SIZE, SIZE)] + [(N, 3, 12, 12)] * 2 + [(N, 3, 8, 8)] * 2
+OBOW_WORDS = 24       # 8 words a step: steps write [0,8) [8,16) [16,24)
+
+
+def _obow_vocabulary_target(rank, world, cfg):
+    """Per step: this rank's own batch mean minimum distance and sampled words per level (computed
+    on a copy of the teacher, as forward does), and every rank's vocabulary state after the step."""
+    from fastssl.methods.obow import drop_border, sample_words, stage_maps, word_distances
+    method = build_method(cfg)
+    method.set_schedule(10, 10)
+    out = []
+    for step in range(3):
+        views = _views(rank, step, OBOW_SHAPES)
+        method.before_step(step)
+        own = {}
+        with torch.no_grad():
+            maps = stage_maps(copy.deepcopy(method.teacher_backbone), views[0], method.levels)
+        for level, fmap in zip(method.levels, maps):
+            fmap = drop_border(fmap)
+            d = word_distances(fmap, method.vocabularies[level].words)
+            own[level] = (d.min(-1).values.mean(), sample_words(fmap, cfg.method.obow.word_pool_size,
+                                                                 method.word_generator_for_step()))
+        loss, _ = method(views)
+        loss.backward()
+        method.after_step()
+        state = {level: {name: _gather(buf.reshape(-1)) for name, buf in v.named_buffers()}
+                 for level, v in method.vocabularies.items()}
+        out.append({"own": own, "state": state})
+    return out
+
+
 TARGETS = {
     "queue": (_moco_queue_target, {"method.name": "moco_v2", "method.moco_v2.queue_size": QUEUE}),
     "loss_moco_v2": (_moco_loss_target, {"method.name": "moco_v2", "method.moco_v2.queue_size": QUEUE}),
     "loss_moco_v3": (_moco_loss_target, {"method.name": "moco_v3"}),
     "dino": (_dino_center_target, {"method.name": "dino", "method.dino.out_dim": 256, "method.dino.local_size": 8,
                                    "method.dino.local_crops": 2}),
+    "obow": (_obow_vocabulary_target, {"method.name": "obow", "augment.size": SIZE,
+                                       "method.obow.levels": ["layer2", "layer3"],
+                                       "method.obow.vocabulary_size": OBOW_WORDS,
+                                       "method.obow.generator_hidden_dim": 32, "method.obow.student_size": 12,
+                                       "method.obow.local_size": 8, "method.obow.local_crops": 2}),
 }
 
 
@@ -257,7 +296,36 @@ def test_dino_center_is_the_ema_of_the_global_batch_mean_on_every_rank(method_re
         assert not torch.allclose(local[0], local[1], atol=1e-4)
 
 
-# ------------------------------------------------------------------------------ 4. end to end: train
+# ---------------------------------------------------------------------------- 4. OBoW's vocabularies
+@requires_dist
+def test_obow_vocabularies_are_the_same_on_every_rank_and_hold_the_global_words(method_results):
+    res = method_results("obow")
+    m = _config(**TARGETS["obow"][1]).method.obow.min_distance_momentum
+    levels = list(res[0][0]["own"])
+    mean_min = {}
+    for step in range(3):
+        for level in levels:
+            state = res[0][step]["state"][level]
+            for name, per_rank in state.items():          # (a) identical on both ranks
+                assert torch.equal(per_rank[0], per_rank[1]), f"step {step}: {level} {name} differs across ranks"
+            # (b) the bias-corrected EMA of the global batch's mean minimum distance (the ranks' mean)
+            batch = sum(res[r][step]["own"][level][0] for r in range(WORLD)) / WORLD
+            mean_min[level] = batch if step == 0 else mean_min[level] + (1 - m) / (1 - m ** (step + 1)) * (
+                batch - mean_min[level])
+            torch.testing.assert_close(state["mean_min_distance"][0], mean_min[level].reshape(1))
+            assert int(state["batches"][0]) == step + 1
+            # (c) the words written this step: rank 0's, then rank 1's
+            rows = slice(step * WORLD * N, (step + 1) * WORLD * N)
+            words = state["words"][0].view(OBOW_WORDS, -1)
+            expected = torch.cat([res[r][step]["own"][level][1] for r in range(WORLD)])
+            torch.testing.assert_close(words[rows], expected)
+            assert int(state["ptr"][0]) == (step + 1) * WORLD * N % OBOW_WORDS
+    # the ranks' own distances and words differ, so a per-rank vocabulary would not pass (a)-(c)
+    own = [res[r][0]["own"][levels[0]] for r in range(WORLD)]
+    assert own[0][0] != own[1][0] and not torch.allclose(own[0][1], own[1][1])
+
+
+# ------------------------------------------------------------------------------ 5. end to end: train
 E2E_QUEUE, E2E_BATCH, E2E_STEPS = 96, 16, 2
 # stage -> (overrides, work around the convert_sync_batchnorm bug); run in this order
 STAGES = {
@@ -386,7 +454,7 @@ def test_sync_bn_conversion_keeps_the_momentum_teacher_frozen():
     assert {n for n, p in converted.named_parameters() if p.requires_grad} == trainable
 
 
-# --------------------------------------------------------------- 5. DeepCluster's gathered features
+# ---------------------------------------------------------------- 6. DeepCluster's gathered features
 @requires_dist
 def test_deepcluster_gathers_the_features_and_every_rank_clusters_alike(train_results, one_cpu_thread):
     from fastssl.data import resolve_paths

@@ -28,9 +28,9 @@ as randn().clamp(min=0). The student's backbone is the one evaluated.
 One difference: the official EMA of mean_min_d starts at 0.5, a value its ~500k steps forget
 within a few hundred. A short run would not: in the 186-step demo it held mean_min_d below the
 batches' own (~100 at layer2, ~240 at layer3) for the whole run, so the temperature drifted and
-the layer3 bags grew from ~5 words an image to ~170. Here the EMA is bias-corrected (`ema_rate`):
-the first batch's value, then the EMA of the batches seen, the same as the official's once it
-has forgotten its start.
+the layer3 bags grew from ~11 words an image after the first epoch to ~165 at the end. Here the
+EMA is bias-corrected (`ema_rate`): the first batch's value, then the EMA of the batches seen,
+the same as the official's once it has forgotten its start.
 """
 from typing import Dict, List, Sequence, Tuple
 
