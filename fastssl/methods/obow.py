@@ -132,7 +132,7 @@ class Vocabulary(nn.Module):
         super().__init__()
         self.register_buffer("words", torch.randn(size, channels).clamp(min=0))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("mean_min_distance", torch.tensor(0.5))
+        self.register_buffer("mean_min_distance", torch.zeros(()))      # the first batch's value replaces it
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
 
 
