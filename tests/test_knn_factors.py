@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastssl.data.embedded import PALETTE, SEED, SPLITS
+from conftest import TINY_DATA
+from fastssl.data.embedded import PALETTE, SEED, SPLITS, dataset_name
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import knn_factors  # noqa: E402
@@ -29,7 +30,8 @@ def drawn_colours(split: str, index: int):
 
 
 def test_palette_labels_match_the_generator(tiny_cache):
-    (root,) = tiny_cache.glob("shapes-*")
+    root = tiny_cache / dataset_name(TINY_DATA["embedded_train_per_class"], TINY_DATA["embedded_val_per_class"],
+                                     TINY_DATA["embedded_image_size"])
     paths = sorted(root.glob("*/*/*.jpg"))
     images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
     background, shape = knn_factors.palette_labels(images)
