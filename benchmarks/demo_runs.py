@@ -6,7 +6,7 @@ random-init score with batch-norm statistics of the training images (the line be
     python benchmarks/demo_runs.py byol simsiam dino moco_v3 [--seeds 0 1] [--jobs 2] [-- key=value ...]
 
 Writes benchmarks/results/methods_demo_<device>.json: the command of every run, its kNN line and
-its numbers, its wall time (not the demo's time alone when runs share the cores), and the method
+its numbers (and the kNN monitor's, per epoch, under eval.knn_every_epochs), its wall time (not the demo's time alone when runs share the cores), and the method
 and optimiser settings it resolved (from the run's config.yaml, so per-method sections show).
 A run that fails is recorded with the tail of its log, and the script exits non-zero.
 """
@@ -49,6 +49,10 @@ def run_one(method: str, seed: int, run_root: Path, extra: list) -> dict:
     bn = BN_LINE.search(output)          # absent under eval.random_init_bn=false
     if bn:
         record["knn_top1_random_init_bn"] = float(bn.group(1))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    monitor = {r["epoch"]: r["knn_top1"] for r in metrics if r["event"] == "knn"}
+    if monitor:                          # eval.knn_every_epochs: the kNN monitor's score after those epochs
+        record["knn_top1_by_epoch"] = monitor
     return record
 
 

@@ -25,6 +25,14 @@ def test_demo_runs_records_each_run_and_fails_loudly(tiny_cache, tmp_path):
     # The settings come from the run's own config: the demo file's per_method section reached BYOL only.
     assert (runs["byol"]["optim"]["name"], runs["simclr"]["optim"]["name"]) == ("sgd", "lars")
 
+    assert all("knn_top1_by_epoch" not in r for r in runs.values())     # no kNN monitor in these runs
+
+    # With the kNN monitor on, its score after each monitored epoch is recorded too.
+    assert demo_runs.main(["simclr", "--run-root", str(runs_root), "--out", str(out), "--", *tiny,
+                           "train.epochs=2", "eval.knn_every_epochs=1"]) == 0
+    (monitored,) = json.loads(out.read_text())["runs"]
+    assert list(monitored["knn_top1_by_epoch"]) == ["1"] and 0 <= monitored["knn_top1_by_epoch"]["1"] <= 100
+
     # A run that fails is recorded with the end of its output, and the script exits non-zero.
     assert demo_runs.main(["simclr", "--run-root", str(runs_root), "--out", str(out), "--", "train.epoch=1"]) == 1
     (failed,) = json.loads(out.read_text())["runs"]
