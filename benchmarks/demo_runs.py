@@ -50,7 +50,8 @@ def run_one(method: str, seed: int, run_root: Path, extra: list) -> dict:
     if bn:
         record["knn_top1_random_init_bn"] = float(bn.group(1))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    monitor = {r["epoch"]: r["knn_top1"] for r in metrics if r["event"] == "knn"}
+    last_start = max(i for i, r in enumerate(metrics) if r["event"] == "start")   # the file appends runs
+    monitor = {r["epoch"]: r["knn_top1"] for r in metrics[last_start:] if r["event"] == "knn"}
     if monitor:                          # eval.knn_every_epochs: the kNN monitor's score after those epochs
         record["knn_top1_by_epoch"] = monitor
     return record
