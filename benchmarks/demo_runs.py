@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = p.parse_args(ours)   # after "--": key=value overrides for every run
     jobs = [(m, s) for m in args.methods for s in args.seeds]
+    sha = loss_benchmark.git_sha()       # the code the runs start from (a commit during the runs moves HEAD)
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_one, m, s, Path(args.run_root), extra) for m, s in jobs]
         records = []
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"methods_demo_{device}.json"
     out.write_text(json.dumps({
         "benchmark": "methods_demo", "device": device, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "git_sha": loss_benchmark.git_sha(), "command": " ".join(["python", "benchmarks/demo_runs.py", *argv]),
+        "git_sha": sha, "command": " ".join(["python", "benchmarks/demo_runs.py", *argv]),
         "note": f"{args.jobs} runs at a time, one thread each", "runs": records}, indent=1) + "\n")
     print(f"wrote {out}")
     return 1 if any("error" in r for r in records) else 0
