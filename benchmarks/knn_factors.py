@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import loss as loss_benchmark   # benchmarks/loss.py, beside this file: device name and git sha
 from fastssl.data.embedded import PALETTE
-from fastssl.eval.commands import eval_loaders, eval_preprocess, load_for_eval, on_device, trained_backbone
+from fastssl.eval.commands import (eval_loaders, eval_preprocess, features, load_for_eval, on_device,
+                                   trained_backbone)
 from fastssl.eval.knn import knn_accuracy, with_estimated_batch_norm
 from fastssl.methods import build_method
 
@@ -44,27 +44,27 @@ def palette_labels(images: torch.Tensor):
     return torch.cdist(background, palette).argmin(1), torch.cdist(shape, palette).argmin(1)
 
 
-@torch.no_grad()
-def features_and_factors(backbone, loader, preprocess):
-    """L2-normalised features and the (shape, background colour, shape colour) labels of every image."""
-    feats, labels = [], []
-    for views, y, _ in loader:
-        feats.append(F.normalize(backbone(preprocess(views[0])).float(), dim=1))
-        labels.append(torch.stack([y, *palette_labels(views[0])], dim=1))
-    return torch.cat(feats), torch.cat(labels)
+def factor_labels(loader) -> torch.Tensor:
+    """(N, 3): the shape (the class), background colour and shape colour of every image `loader`
+    yields, in its order. They do not depend on the network, so they are read once per loader."""
+    return torch.cat([torch.stack([y, *palette_labels(views[0])], dim=1) for views, y, _ in loader])
 
 
-def knn_per_factor(cfg, backbone, loaders) -> dict:
-    preprocess = eval_preprocess(cfg)
-    (train_f, train_y), (val_f, val_y) = (features_and_factors(backbone, loader, preprocess) for loader in loaders)
-    return {name: knn_accuracy(train_f, train_y[:, i], val_f, val_y[:, i], cfg.eval.knn_k, cfg.eval.knn_temperature)
-            for i, name in enumerate(FACTORS)}
+def knn_per_factor(cfg, backbone, loaders, labels) -> dict:
+    """kNN top-1 of each factor on `backbone`'s centre-view features (`labels`: factor_labels of the
+    train and val loaders)."""
+    train_f, train_y, val_f, val_y = features(cfg, backbone, loaders, True)
+    if not (torch.equal(train_y, labels[0][:, 0]) and torch.equal(val_y, labels[1][:, 0])):
+        raise RuntimeError("the evaluation loaders yielded the images in another order than when their "
+                           "colours were read")
+    return {name: knn_accuracy(train_f, labels[0][:, i], val_f, labels[1][:, i], cfg.eval.knn_k,
+                               cfg.eval.knn_temperature) for i, name in enumerate(FACTORS)}
 
 
-def both_normalisations(name: str, cfg, backbone, loaders, fitted_label: str) -> list:
+def both_normalisations(name: str, cfg, backbone, loaders, labels, fitted_label: str) -> list:
     fitted = with_estimated_batch_norm(backbone, loaders[0], eval_preprocess(cfg))
-    records = [dict(network=name, **knn_per_factor(cfg, backbone, loaders)),
-               dict(network=f"{name}, {fitted_label}", **knn_per_factor(cfg, fitted, loaders))]
+    records = [dict(network=name, **knn_per_factor(cfg, backbone, loaders, labels)),
+               dict(network=f"{name}, {fitted_label}", **knn_per_factor(cfg, fitted, loaders, labels))]
     for r in records:
         print(f"{r['network']:45s} " + "  ".join(f"{f.replace('_', ' ')} {r[f]:5.1f}%" for f in FACTORS), flush=True)
     return records
@@ -83,12 +83,13 @@ def main(argv=None) -> int:
             raise SystemExit(f"{checkpoint}: trained on {cfg.data.train}, not the embedded dataset whose "
                              f"palette this script reads")
         loaders = eval_loaders(cfg, "cpu")
+        labels = [factor_labels(loader) for loader in loaders]
         if i == 0:
             initial = on_device(build_method(cfg).eval_backbone(), "cpu")
-            records += both_normalisations("random-init", cfg, initial, loaders, "batch norm fitted")
+            records += both_normalisations("random-init", cfg, initial, loaders, labels, "batch norm fitted")
         trained = on_device(trained_backbone(cfg, state), "cpu")
         records += [dict(r, checkpoint=checkpoint) for r in
-                    both_normalisations(cfg.method.name, cfg, trained, loaders, "batch norm refitted")]
+                    both_normalisations(cfg.method.name, cfg, trained, loaders, labels, "batch norm refitted")]
     device = loss_benchmark.device_slug("cpu")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"knn_factors_{device}.json"
     out.write_text(json.dumps({
