@@ -1,6 +1,6 @@
 """What is specific to the `dali` loader (the cross-loader suite covers the shared contract): its
-two decode modes agree, its pixels match the `torch` and `pil` loaders', resume and restart, the decoder
-failure path, non-JPEG files (through PIL) and the GPU (mixed) decoder."""
+two decode modes agree, its pixels match the `torch` and `pil` loaders', resume and restart, the
+decoder failure path, non-JPEG files (through PIL) and the GPU (mixed) decoder."""
 from pathlib import Path
 
 import numpy as np
