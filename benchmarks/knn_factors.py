@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="the JSON file (default benchmarks/results/knn_factors_<device>.json)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    missing = [c for c in args.checkpoints if not Path(c).is_file()]
+    if missing:
+        p.error(f"no checkpoint file at {', '.join(missing)}")
     records = []
     for i, checkpoint in enumerate(args.checkpoints):
         cfg, state = load_for_eval(checkpoint)

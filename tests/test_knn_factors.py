@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -56,3 +57,9 @@ def test_records_every_factor_of_random_init_and_the_checkpoint(tiny_config, tmp
     for r in record["records"]:
         assert all(0 <= r[f] <= 100 for f in knn_factors.FACTORS)
     assert record["records"][2]["checkpoint"] == checkpoint
+
+
+def test_a_missing_checkpoint_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        knn_factors.main([str(tmp_path / "nowhere.pt")])
+    assert f"no checkpoint file at {tmp_path / 'nowhere.pt'}" in capsys.readouterr().err
