@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastssl.train.trainer as trainer
 from fastssl.config import ConfigError
 from fastssl.methods import build_augment, build_method
-from fastssl.methods.base import cosine_momentum
-from fastssl.methods.obow import drop_border, ema_rate, sample_words, soft_bow, stage_maps, word_distances
+from fastssl.methods.base import cosine_momentum, split_views
+from fastssl.methods.obow import (batch_mean_cross_entropy, drop_border, ema_rate, perplexity, sample_words, soft_bow,
+                                  stage_maps, word_distances)
 from fastssl.optim import build_optimizer
 from fastssl.train.trainer import train_step
 from conftest import augmented, check_exact_resume, fixed_batch_loss, loader_batch
@@ -65,6 +67,40 @@ def test_soft_bow_by_hand():
     bow = soft_bow(dist, 15.0, dist.min(-1).values.mean())
     assert bow.shape == (3, 7) and (bow >= 0).all()
     torch.testing.assert_close(bow.sum(1), torch.ones(3))
+
+
+def test_batch_mean_cross_entropy_by_hand():
+    t = torch.tensor([[1.0, 0.0], [0.5, 0.5]])                               # batch mean [0.75, 0.25]
+    expected = (-math.log(0.75) - 0.5 * (math.log(0.75) + math.log(0.25))) / 2
+    assert batch_mean_cross_entropy(t).item() == pytest.approx(expected)
+    # A batch of one bag repeated: the mean is the bag itself, so it is the bag's entropy (a word
+    # no image uses stays finite).
+    same = torch.tensor([[0.2, 0.8, 0.0]]).repeat(3, 1)
+    assert batch_mean_cross_entropy(same).item() == pytest.approx(math.log(perplexity(same[0]).item()))
+
+
+def test_loss_and_logged_cross_entropies_by_hand(tiny_config):
+    # The loss: per level, the cross-entropy to the teacher's bag averaged over the crops of each kind
+    # and summed over the kinds; averaged over the levels. ce_<level> is over all the crops.
+    cfg = obow_config(tiny_config, **{"augment.size": 32})
+    model, augment = build_method(cfg), build_augment(cfg)
+    model.train()
+    x = random_views(augment, n=4)
+    loss, stats = model(x)
+    targets, _ = model.teacher_targets(x[0])          # the same step: the same targets, words and draws
+    f = torch.cat(split_views(x[1:], model.backbone))
+    kinds = (2, 2)                                    # TINY: 2 student views, 2 small crops
+    expected_loss = 0.0
+    for level in model.levels:
+        t = targets[level]
+        weights = model.generators[level](model.vocabularies[level].words)
+        log_p = F.log_softmax(cfg.method.obow.prediction_scale * f @ weights.t(), dim=1)
+        ce_per_crop = (-(t.repeat(sum(kinds), 1) * log_p).sum(1)).view(sum(kinds), -1).mean(1)
+        expected_loss += sum(part.mean() for part in ce_per_crop.split(kinds)) / len(model.levels)
+        assert stats[f"ce_{level}"] == pytest.approx(ce_per_crop.mean().item(), rel=1e-4)
+        assert stats[f"ce_batch_mean_{level}"] == pytest.approx(batch_mean_cross_entropy(t).item(), rel=1e-5)
+        assert stats[f"ce_batch_mean_{level}"] >= math.log(stats[f"perplexity_{level}"]) - 1e-4   # Gibbs
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-4)
 
 
 def test_words_are_locally_pooled_teacher_features_drawn_per_step():

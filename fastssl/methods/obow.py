@@ -12,7 +12,10 @@ predicts each target from its pooled feature f: logits_k = prediction_scale * w_
 unit-norm weight w_k is generated from word k by a small MLP (L2-norm, Linear-BN-ReLU-Linear,
 L2-norm), so the head follows the vocabulary as it changes. The loss is the cross-entropy to the
 teacher's distribution, averaged over levels and over the crops of one kind, summed over the two
-kinds of crop (2 student views, the small crops), as the official code does.
+kinds of crop (2 student views, the small crops), as the official code does. Logged per level
+besides the bags' perplexities: the student's cross-entropy over all its crops (`ce_<level>`) and
+that of the batch's mean bag (`ce_batch_mean_<level>`, `batch_mean_cross_entropy`); the student
+predicts something of each image only as far as the first is below the second.
 
 The vocabulary of a level is a FIFO queue of K teacher features: after each step, every image
 adds one, picked at random among the teacher's map after a `word_pool_size` local average
@@ -77,6 +80,13 @@ def soft_bow(distances: torch.Tensor, inverse_delta: float, mean_min_distance) -
 def perplexity(p: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of each row of `p` (a distribution): the effective number of words."""
     return torch.exp(-(p * p.clamp_min(1e-12).log()).sum(-1))
+
+
+def batch_mean_cross_entropy(targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of (N, K) target distributions to their own batch mean: the loss of the
+    best prediction that ignores the image (it knows only which words are common). A student whose
+    cross-entropy is not below it predicts nothing of the image itself."""
+    return -(targets * targets.mean(dim=0).clamp_min(1e-12).log()).sum(dim=1).mean()
 
 
 def ema_rate(momentum: float, updates: int) -> float:
@@ -232,6 +242,8 @@ class OBoW(Method):
             loss = loss + sum(sum(g) / len(g) for g in groups if g) / len(self.levels)
             stats[f"perplexity_{level}"] = perplexity(t).mean().item()                 # words per image
             stats[f"batch_perplexity_{level}"] = perplexity(t.mean(dim=0)).item()      # words in the batch
+            stats[f"ce_{level}"] = (sum(ce) / len(ce)).item()
+            stats[f"ce_batch_mean_{level}"] = batch_mean_cross_entropy(t).item()
             stats[f"mean_min_distance_{level}"] = self.pending[level][1].item()
         stats.update(output_std(student[0]), momentum=self.momentum)
         return loss, stats
@@ -251,4 +263,4 @@ class OBoW(Method):
         return self.backbone      # the paper evaluates the student
 
 
-__all__ = ["OBoW", "drop_border", "ema_rate", "perplexity", "sample_words", "soft_bow", "stage_maps", "word_distances"]
+__all__ = ["OBoW", "batch_mean_cross_entropy", "drop_border", "ema_rate", "perplexity", "sample_words", "soft_bow", "stage_maps", "word_distances"]
