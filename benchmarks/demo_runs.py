@@ -6,7 +6,8 @@ random-init score with batch-norm statistics of the training images (the line be
     python benchmarks/demo_runs.py byol simsiam dino moco_v3 [--seeds 0 1] [--jobs 2] [-- key=value ...]
 
 Writes benchmarks/results/methods_demo_<device>.json: the command of every run, its kNN line and
-its numbers (and the kNN monitor's, per epoch, under eval.knn_every_epochs), its wall time (not
+its numbers (and the kNN monitor's, per epoch, under eval.knn_every_epochs), the mean of each
+training statistic over the last epoch's log lines, its wall time (not
 the demo's time alone when runs share the cores), and the method and optimiser settings it
 resolved (from the run's config.yaml, so per-method sections show).
 A run that fails is recorded with the tail of its log, and the script exits non-zero.
@@ -55,7 +56,16 @@ def run_one(method: str, seed: int, run_root: Path, extra: list) -> dict:
     monitor = {r["epoch"]: r["knn_top1"] for r in metrics[last_start:] if r["event"] == "knn"}
     if monitor:                          # eval.knn_every_epochs: the kNN monitor's score after those epochs
         record["knn_top1_by_epoch"] = monitor
+    record["last_epoch_train_stats"] = last_epoch_means([r for r in metrics[last_start:] if r["event"] == "train"])
     return record
+
+
+def last_epoch_means(train_events: list) -> dict:
+    """The mean of each number the method logged over the train events of the last epoch (the
+    loss and its statistics, less noisy than the last step alone)."""
+    last = [r for r in train_events if r["epoch"] == train_events[-1]["epoch"]]
+    keys = [k for k, v in last[0].items() if isinstance(v, (int, float)) and k not in ("epoch", "step")]
+    return {k: sum(r[k] for r in last) / len(last) for k in keys}
 
 
 def main(argv=None) -> int:

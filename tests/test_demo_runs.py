@@ -3,6 +3,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import TINY_DATA
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
@@ -24,6 +26,9 @@ def test_demo_runs_records_each_run_and_fails_loudly(tiny_cache, tmp_path):
         assert 0 <= r["knn_top1_random_init_bn"] <= 100
     # The settings come from the run's own config: the demo file's per_method section reached BYOL only.
     assert (runs["byol"]["optim"]["name"], runs["simclr"]["optim"]["name"]) == ("sgd", "lars")
+    # The last epoch's training statistics: the method's own (BYOL logs its EMA momentum).
+    assert "momentum" in runs["byol"]["last_epoch_train_stats"] and "momentum" not in runs["simclr"]["last_epoch_train_stats"]
+    assert all(0 < r["last_epoch_train_stats"]["loss"] < 10 for r in runs.values())
 
     assert all("knn_top1_by_epoch" not in r for r in runs.values())     # no kNN monitor in these runs
 
@@ -40,3 +45,10 @@ def test_demo_runs_records_each_run_and_fails_loudly(tiny_cache, tmp_path):
     assert demo_runs.main(["simclr", "--run-root", str(runs_root), "--out", str(out), "--", "train.epoch=1"]) == 1
     (failed,) = json.loads(out.read_text())["runs"]
     assert "unknown config key 'train.epoch'" in failed["error"] and "knn_top1" not in failed
+
+
+def test_last_epoch_means_average_the_last_epochs_numbers_only():
+    events = [{"event": "train", "epoch": 1, "step": 5, "loss": 9.0},
+              {"event": "train", "epoch": 2, "step": 10, "loss": 3.0, "momentum": 0.5},
+              {"event": "train", "epoch": 2, "step": 12, "loss": 2.0, "momentum": 0.7}]
+    assert demo_runs.last_epoch_means(events) == pytest.approx({"loss": 2.5, "momentum": 0.6})
