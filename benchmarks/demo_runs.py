@@ -7,9 +7,9 @@ random-init score with batch-norm statistics of the training images (the line be
 
 Writes benchmarks/results/methods_demo_<device>.json: the command of every run, its kNN line and
 its numbers (and the kNN monitor's, per epoch, under eval.knn_every_epochs), the mean of each
-training statistic over the last epoch's log lines, its wall time (not
-the demo's time alone when runs share the cores), and the method and optimiser settings it
-resolved (from the run's config.yaml, so per-method sections show).
+training statistic over the last epoch's log lines, its wall time (not the demo's time alone
+when runs share the cores), and the method and optimiser settings it resolved (from the run's
+config.yaml, so per-method sections show).
 A run that fails is recorded with the tail of its log, and the script exits non-zero.
 """
 import argparse

@@ -27,7 +27,8 @@ def test_demo_runs_records_each_run_and_fails_loudly(tiny_cache, tmp_path):
     # The settings come from the run's own config: the demo file's per_method section reached BYOL only.
     assert (runs["byol"]["optim"]["name"], runs["simclr"]["optim"]["name"]) == ("sgd", "lars")
     # The last epoch's training statistics: the method's own (BYOL logs its EMA momentum).
-    assert "momentum" in runs["byol"]["last_epoch_train_stats"] and "momentum" not in runs["simclr"]["last_epoch_train_stats"]
+    stats = {method: r["last_epoch_train_stats"] for method, r in runs.items()}
+    assert "momentum" in stats["byol"] and "momentum" not in stats["simclr"]
     assert all(0 < r["last_epoch_train_stats"]["loss"] < 10 for r in runs.values())
 
     assert all("knn_top1_by_epoch" not in r for r in runs.values())     # no kNN monitor in these runs

@@ -263,4 +263,5 @@ class OBoW(Method):
         return self.backbone      # the paper evaluates the student
 
 
-__all__ = ["OBoW", "batch_mean_cross_entropy", "drop_border", "ema_rate", "perplexity", "sample_words", "soft_bow", "stage_maps", "word_distances"]
+__all__ = ["OBoW", "batch_mean_cross_entropy", "drop_border", "ema_rate", "perplexity", "sample_words", "soft_bow",
+           "stage_maps", "word_distances"]
