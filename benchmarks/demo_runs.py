@@ -53,10 +53,11 @@ def run_one(method: str, seed: int, run_root: Path, extra: list) -> dict:
         record["knn_top1_random_init_bn"] = float(bn.group(1))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last_start = max(i for i, r in enumerate(metrics) if r["event"] == "start")   # the file appends runs
-    monitor = {r["epoch"]: r["knn_top1"] for r in metrics[last_start:] if r["event"] == "knn"}
+    this_run = metrics[last_start:]
+    monitor = {r["epoch"]: r["knn_top1"] for r in this_run if r["event"] == "knn"}
     if monitor:                          # eval.knn_every_epochs: the kNN monitor's score after those epochs
         record["knn_top1_by_epoch"] = monitor
-    record["last_epoch_train_stats"] = last_epoch_means([r for r in metrics[last_start:] if r["event"] == "train"])
+    record["last_epoch_train_stats"] = last_epoch_means([r for r in this_run if r["event"] == "train"])
     return record
 
 
