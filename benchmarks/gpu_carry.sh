@@ -65,7 +65,7 @@ tail -c +$((first_part + 1)) "$stage/dali.tar.xz" | split -b "$LIMIT" -a 1 --num
 echo "wrote $OUT ($(du -sh "$OUT" | cut -f1)): $(cd "$OUT" && echo *)"
 echo "device calls, one after the other (each within 30 s of the last):"
 n=0
-timeouts=(175 75 60 520)      # gpu_lease.sh's limits for each call, plus 10 s
+timeouts=(175 75 130 480)      # gpu_lease.sh's limits for each call, plus 10 s
 for part in "$OUT"/dali.p*; do
     n=$((n + 1))
     carry="\"$part\""

@@ -7,16 +7,19 @@
 #   1  e2e: SimCLR ResNet-50 fed by the PIL DataLoader (does the step wait for data?)
 #   2  loss: the sweep at 2N = 16,384, D = 128, bf16 and fp32 (its GPU tests: gpu_suite.sh loss;
 #      the kernels are unchanged since they passed on the H100)
-#   3  nothing but DALI's third part (the augmentation, unchanged since run 4, passed its tests)
+#   3  the tests of the compiled kernels and of their callers: loss, fused augmentation, k-means,
+#      trainer (run 6: 204 tests in 68 s with 8 processes; they found a test that pinned the CPU)
 #   4  DALI's GPU tests and every loader's GPU-against-CPU pixels, DALI's decoder alone at three
 #      hardware-decoder shares (is the H100's JPEG decoder in use?), the loaders' comparison (every
 #      loader next to the PIL baseline), then e2e fed by DALI
-# Each stage stops itself before the call's limit (the limits below, 735 s; with the machine's
-# start, the calls' overhead and DALI's install about 820 s, within the lease's 900). A reply with
+# Each stage stops itself before the call's limit (the limits below, 815 s; with the machine's
+# start, the calls' overhead and DALI's install about 900 s at worst, the lease's 900; run 6 held the
+# machine 634 s for the same work). A reply with
 # "warm": false means a fresh machine without the parts carried before (run 5: after 40 s between
 # calls 1 and 2): carry them again before call 4 (gpu_env.sh counts the parts it has). Seen on the
 # H100 of 2026-11-26 (run 4): the start 30 s, a call's overhead 7 s, installing DALI about 25 s,
-# the loss tests 60 s, an e2e run 115 s, each loader of the comparison about 50 s. The logs and
+# the loss tests 60 s, an e2e run 115 s, each loader of the comparison about 50 s (run 6: 30 s, the
+# whole comparison with DALI's decoder about 190 s). The logs and
 # the JSON records come back in $OUT (the data benchmark writes its record after each loader).
 # Each call's timeout_s (its limits plus 10 s) is in the list benchmarks/gpu_carry.sh prints.
 set -uo pipefail
@@ -35,10 +38,12 @@ case $call in
     1) GPU_TESTS=0 E2E_LOADERS=pil E2E_TIMEOUT=150 suite 165 e2e ;;
     2) timeout -k 5 60 env -u TRITON_INTERPRET python3 benchmarks/loss.py --device cuda --sizes 16384 --dims 128 \
            --dtypes bfloat16 float32 --impls triton torch 2>&1 | tee -a "$OUT/lease_call$call.log" ;;
-    3) echo "gpu_lease.sh: call 3 carries DALI's third part" ;;
+    3) timeout -k 5 120 env -u TRITON_INTERPRET python3 -m pytest -q -rs -p no:cacheprovider $PYTEST_ARGS \
+           tests/test_losses.py tests/test_augment_fused.py tests/test_cluster.py tests/test_train.py 2>&1 \
+           | tee -a "$OUT/lease_call$call.log" ;;
     4) timeout -k 5 70 env -u TRITON_INTERPRET python3 -m pytest -q -rs -p no:cacheprovider tests/test_data_dali.py \
            tests/test_loaders.py::test_gpu_decoding_matches_the_cpu 2>&1 | tee -a "$OUT/lease_call$call.log"
-       GPU_TESTS=0 LOADER_TIMEOUT=70 suite 290 data
+       GPU_TESTS=0 LOADER_TIMEOUT=70 suite 250 data
        GPU_TESTS=0 E2E_LOADERS=dali E2E_TIMEOUT=140 suite 150 e2e ;;
 esac
 gpu_results
