@@ -34,15 +34,20 @@ suite() {   # suite SECONDS STAGE...: gpu_suite.sh's stages, stopped after SECON
     shift
     timeout -k 5 "$seconds" bash benchmarks/gpu_suite.sh python3 "$@" 2>&1 | tee -a "$OUT/lease_call$call.log"
 }
+gpu_tests() {   # gpu_tests SECONDS PYTEST_ARG...: tests with the compiled kernels, stopped after SECONDS
+    local seconds=$1
+    shift
+    timeout -k 5 "$seconds" env -u TRITON_INTERPRET python3 -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 \
+        | tee -a "$OUT/lease_call$call.log"
+}
 case $call in
     1) GPU_TESTS=0 E2E_LOADERS=pil E2E_TIMEOUT=150 suite 165 e2e ;;
     2) timeout -k 5 60 env -u TRITON_INTERPRET python3 benchmarks/loss.py --device cuda --sizes 16384 --dims 128 \
            --dtypes bfloat16 float32 --impls triton torch 2>&1 | tee -a "$OUT/lease_call$call.log" ;;
-    3) timeout -k 5 120 env -u TRITON_INTERPRET python3 -m pytest -q -rs -p no:cacheprovider $PYTEST_ARGS \
-           tests/test_losses.py tests/test_augment_fused.py tests/test_cluster.py tests/test_train.py 2>&1 \
-           | tee -a "$OUT/lease_call$call.log" ;;
-    4) timeout -k 5 70 env -u TRITON_INTERPRET python3 -m pytest -q -rs -p no:cacheprovider tests/test_data_dali.py \
-           tests/test_loaders.py::test_gpu_decoding_matches_the_cpu 2>&1 | tee -a "$OUT/lease_call$call.log"
+    # shellcheck disable=SC2086
+    3) gpu_tests 120 $PYTEST_ARGS tests/test_losses.py tests/test_augment_fused.py tests/test_cluster.py \
+           tests/test_train.py ;;
+    4) gpu_tests 70 tests/test_data_dali.py tests/test_loaders.py::test_gpu_decoding_matches_the_cpu
        GPU_TESTS=0 LOADER_TIMEOUT=70 suite 250 data
        GPU_TESTS=0 E2E_LOADERS=dali E2E_TIMEOUT=140 suite 150 e2e ;;
 esac
