@@ -246,6 +246,9 @@ class OBoWSettings:
     local_crop_scale: List[float] = field(default_factory=lambda: [0.08, 0.14])
     """Crop area range of the small crops. The official code cuts 96-px patches from a 3x3 grid over
     a 256-px resize of a crop of 0.6-1 of the image: (96/256)^2 * [0.6, 1] = [0.084, 0.141]."""
+    eval_backbone: str = "student"
+    """The network kNN, the linear probe and export evaluate: the student (the paper's) or the teacher,
+    its EMA (which then runs all its stages each step, so its batch-norm statistics are its own)."""
 
 
 @dataclass
@@ -683,6 +686,7 @@ CHOICES = {
     "method.name": method_names(),
     "augment.backend": ("auto", "kornia", "fused"),
     "model.stem": ("imagenet", "small"),
+    "method.obow.eval_backbone": ("student", "teacher"),
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.impl": ("foreach", "reference", "apex"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),

@@ -228,6 +228,30 @@ def test_teacher_gets_no_gradient_and_moves_only_by_the_scheduled_ema(tiny_confi
     assert model.eval_backbone() is model.backbone                           # the paper evaluates the student
 
 
+def test_an_evaluated_teacher_runs_all_its_stages_with_the_same_targets(tiny_config):
+    levels = {"method.obow.levels": ["layer2", "layer3"]}
+    student_cfg = obow_config(tiny_config, **levels)
+    teacher_cfg = obow_config(tiny_config, **levels, **{"method.obow.eval_backbone": "teacher"})
+    as_paper, evaluated = build_method(student_cfg), build_method(teacher_cfg)
+    evaluated.load_state_dict(as_paper.state_dict())
+    assert as_paper.eval_backbone() is as_paper.backbone
+    assert evaluated.eval_backbone() is evaluated.teacher_backbone
+    x = random_views(build_augment(student_cfg))[0]
+    as_paper.train(), evaluated.train()
+    targets, _ = as_paper.teacher_targets(x)
+    targets_evaluated, _ = evaluated.teacher_targets(x)
+    for level in ("layer2", "layer3"):
+        torch.testing.assert_close(targets_evaluated[level], targets[level])
+    # layer4 is no level: its batch-norm statistics move only where the teacher is evaluated.
+    untouched = as_paper.teacher_backbone.layer4[-1].bn2
+    fitted = evaluated.teacher_backbone.layer4[-1].bn2
+    assert untouched.num_batches_tracked.item() == 0 and torch.count_nonzero(untouched.running_mean) == 0
+    assert fitted.num_batches_tracked.item() == 1 and torch.count_nonzero(fitted.running_mean) > 0
+    assert len(stage_maps(evaluated.teacher_backbone, x, ["layer2"], through="layer4")) == 1
+    with pytest.raises(ConfigError, match=r"method.obow.eval_backbone.*'ema'"):
+        obow_config(tiny_config, **{"method.obow.eval_backbone": "ema"})
+
+
 # --- learning ----------------------------------------------------------------------------------------------
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config):

@@ -26,7 +26,10 @@ Details of the official code (github.com/valeoai/obow, obow/builder_obow.py) kep
 teacher's maps lose their 1-location border before anything else (the border sees the zero
 padding), the EMA of mean_min_d includes the current batch before its assignments are computed,
 the student feature f is not normalised (only the weights are), kappa is fixed, the words start
-as randn().clamp(min=0). The student's backbone is the one evaluated.
+as randn().clamp(min=0). The student's backbone is the one evaluated, as in the paper;
+`eval_backbone=teacher` evaluates the teacher instead (the network the official code's online
+linear classifier monitors during training), which then also runs its stages past the deepest
+level so that all its batch-norm statistics come from its own forward passes.
 
 One difference: the official EMA of mean_min_d starts at 0.5, a value its ~500k steps forget
 within a few hundred. A short run would not: in the 186-step demo it held mean_min_d below the
@@ -113,13 +116,14 @@ def sample_words(fmap: torch.Tensor, pool_size: int, generator: torch.Generator)
     return pooled[torch.arange(n, device=fmap.device), :, index]
 
 
-def stage_maps(backbone: nn.Module, x: torch.Tensor, levels: Sequence[str]) -> List[torch.Tensor]:
+def stage_maps(backbone: nn.Module, x: torch.Tensor, levels: Sequence[str],
+               through: str = "") -> List[torch.Tensor]:
     """The feature maps of a torchvision ResNet after the named stages, in the order of `levels`
-    (it runs only as far as the deepest one)."""
+    (it runs only as far as the deepest one, or as stage `through` when that is deeper)."""
     b = backbone
     x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
     maps = {}
-    for name in STAGES[:max(STAGES.index(level) for level in levels) + 1]:
+    for name in STAGES[:max(STAGES.index(level) for level in [*levels, through or levels[0]]) + 1]:
         x = getattr(b, name)(x)
         maps[name] = x
     return [maps[level] for level in levels]
@@ -210,7 +214,10 @@ class OBoW(Method):
     @torch.no_grad()
     def teacher_targets(self, x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], dict]:
         """The teacher's bags of words of `x` per level, and what after_step applies."""
-        maps = stage_maps(self.teacher_backbone, x, self.levels)
+        # An evaluated teacher runs to its last stage, whose batch-norm statistics would otherwise stay
+        # at their initialisation when the deepest level is shallower.
+        through = STAGES[-1] if self.settings.eval_backbone == "teacher" else ""
+        maps = stage_maps(self.teacher_backbone, x, self.levels, through)
         s, gen = self.settings, self.word_generator_for_step()
         targets, pending = {}, {}
         with torch.autocast(x.device.type, enabled=False):
@@ -260,7 +267,8 @@ class OBoW(Method):
             self.pending = None
 
     def eval_backbone(self) -> nn.Module:
-        return self.backbone      # the paper evaluates the student
+        """The student (the paper's choice) or, with eval_backbone=teacher, its EMA."""
+        return self.teacher_backbone if self.settings.eval_backbone == "teacher" else self.backbone
 
 
 __all__ = ["OBoW", "batch_mean_cross_entropy", "drop_border", "ema_rate", "perplexity", "sample_words", "soft_bow",
