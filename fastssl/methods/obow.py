@@ -120,10 +120,13 @@ def stage_maps(backbone: nn.Module, x: torch.Tensor, levels: Sequence[str],
                through: str = "") -> List[torch.Tensor]:
     """The feature maps of a torchvision ResNet after the named stages, in the order of `levels`
     (it runs only as far as the deepest one, or as stage `through` when that is deeper)."""
+    deepest = max(STAGES.index(level) for level in levels)
+    if through:
+        deepest = max(deepest, STAGES.index(through))
     b = backbone
     x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
     maps = {}
-    for name in STAGES[:max(STAGES.index(level) for level in [*levels, through or levels[0]]) + 1]:
+    for name in STAGES[:deepest + 1]:
         x = getattr(b, name)(x)
         maps[name] = x
     return [maps[level] for level in levels]
